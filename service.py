@@ -1,0 +1,53 @@
+"""GPT-2 text generation as a BentoML service: a table of routes over one engine."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import bentoml
+
+from textgen import api, openai_api
+from textgen.config import Settings
+from textgen.engine import Engine
+from textgen.schemas import GenerateRequest, GenerateResponse, SeedRequest, SeedResponse
+from textgen.store import model_info
+
+SETTINGS = Settings.from_env()
+openai_app = openai_api.build_app()
+logger = logging.getLogger("textgen")
+
+
+@bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.service(
+    name="textgen",
+    resources={"gpu": 1, "cpu": "2"},  # a GPU when the host has one; runs on CPU otherwise
+    workers=1,  # one engine per process: continuous batching needs every request in it
+    traffic={"timeout": 900},  # a 1024-token generation on a busy CPU fits
+)
+class TextGeneration:
+    model = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+    def __init__(self) -> None:
+        info = model_info(self.model)
+        self.engine = Engine.from_directory(self.model.path, info, SETTINGS)
+        openai_app.state.engine = self.engine
+        self.engine.warm_up()
+
+    @bentoml.api(route="/generate", input_spec=GenerateRequest)
+    async def generate(self, ctx: bentoml.Context, **body: Any) -> GenerateResponse:
+        """Continue the prompt; the new text comes back in one response."""
+        return await api.generate(self.engine, GenerateRequest(**body), ctx.request)
+
+    @bentoml.api(route="/generate_stream", input_spec=GenerateRequest)
+    async def generate_stream(self, **body: Any) -> Any:
+        """Server-sent events: one per generated token, then a final one."""
+        return await api.generate_stream(self.engine, GenerateRequest(**body))
+
+    @bentoml.api(route="/text-generation/generate", input_spec=SeedRequest)
+    async def text_generation(self, ctx: bentoml.Context, text: str) -> SeedResponse:
+        """The tutorial's route: `{"text"}` in, `{"input", "generated"}` out."""
+        result = await api.generate(self.engine, GenerateRequest(prompt=text), ctx.request)
+        if not isinstance(result, GenerateResponse):
+            return result  # an error response, passed through
+        return SeedResponse(input=text, generated=result.generated)

@@ -1,0 +1,1 @@
+"""GPT-2 text generation engine: continuous batching over a static KV cache."""

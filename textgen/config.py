@@ -1,0 +1,64 @@
+"""Settings read once from the environment into one typed object."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_tag: str = "gpt2:latest"  # BentoML model store tag to serve
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantize: str = "none"  # none | int8 (dynamic int8 linear layers, CPU only)
+    max_batch_size: int = 32  # sequences decoded together in one step
+    max_waiting: int = 256  # requests queued for admission before 429
+    max_prompt_chars: int = 16_384  # prompt length limit checked before tokenizing
+    max_new_tokens_limit: int = 1024  # upper bound on max_new_tokens / max_tokens
+    max_n: int = 8  # upper bound on OpenAI `n` (choices per prompt)
+    max_prompts: int = 16  # upper bound on prompts in one OpenAI request
+    api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        device = os.environ.get("TEXTGEN_DEVICE", "auto").strip().lower() or "auto"
+        if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+            raise ConfigError(f"TEXTGEN_DEVICE must be auto|cpu|cuda|cuda:N|mps, got {device!r}")
+        return cls(
+            model_tag=os.environ.get("TEXTGEN_MODEL", "").strip() or "gpt2:latest",
+            device=device,
+            dtype=_env_choice("TEXTGEN_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
+            quantize=_env_choice("TEXTGEN_QUANTIZE", "none", ("none", "int8")),
+            max_batch_size=_env_int("TEXTGEN_MAX_BATCH_SIZE", 32, 1),
+            max_waiting=_env_int("TEXTGEN_MAX_WAITING", 256, 0),
+            max_prompt_chars=_env_int("TEXTGEN_MAX_PROMPT_CHARS", 16_384, 1),
+            max_new_tokens_limit=_env_int("TEXTGEN_MAX_NEW_TOKENS", 1024, 1),
+            max_n=_env_int("TEXTGEN_MAX_N", 8, 1),
+            max_prompts=_env_int("TEXTGEN_MAX_PROMPTS", 16, 1),
+            api_key=os.environ.get("TEXTGEN_API_KEY") or None,
+        )

@@ -1,0 +1,39 @@
+"""Which device and dtype the engine runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def resolve_device(setting: str) -> torch.device:
+    """auto: CUDA when visible (BentoML sets CUDA_VISIBLE_DEVICES), else MPS, else CPU."""
+    if setting != "auto":
+        device = torch.device(setting)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"TEXTGEN_DEVICE={setting} but CUDA is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """auto: float16 on CUDA and MPS, bfloat16 on CPUs with native bf16, else float32."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type in ("cuda", "mps"):
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX on x86, the bf16 feature on Arm (Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))

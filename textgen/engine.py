@@ -1,0 +1,237 @@
+"""The generation engine: one scheduler, one runner, one background thread.
+
+Request handlers (asyncio, in BentoML's worker) submit sequences and read their
+events; the engine thread loops `step()`: retire finished sequences, admit
+waiting ones (prefilled together), decode one token for every running
+sequence, then hand each step's events to the event loop in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from textgen.config import Settings
+from textgen.devices import resolve_device, resolve_dtype
+from textgen.params import ParamError, SamplingParams
+from textgen.runner import GPT2Runner
+from textgen.sampling import choose_tokens
+from textgen.scheduler import Event, FinishEvent, QueueFull, Scheduler, Sequence, Status
+
+logger = logging.getLogger("textgen")
+
+__all__ = ["Engine", "EngineOverloaded", "FinishEvent", "ParamError", "SamplingParams"]
+
+
+class EngineOverloaded(Exception):
+    """The admission queue is full; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # model store name, the id clients use
+    tag: str  # full store tag, name:version
+    source: str  # hub:<id>@<rev> | dir:<path> | random
+    random_weights: bool  # True: seeded random weights, the text is meaningless
+    n_ctx: int  # context length in tokens
+
+
+@dataclass
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[tuple[int, Event]]
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, settings: Settings) -> None:
+        self.settings = settings
+        self.info = info
+        self.tokenizer = tokenizer
+        self.eos_token_id: int | None = model.config.eos_token_id
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        self.runner = GPT2Runner(
+            model, device, dtype, settings.max_batch_size, quantize_int8=settings.quantize == "int8"
+        )
+        self.scheduler = Scheduler(settings.max_batch_size, settings.max_waiting)
+        self._sinks: dict[int, _Sink] = {}  # request_id -> where its events go
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="textgen-engine", daemon=True)
+        self._thread.start()
+        logger.info(
+            "engine ready: model=%s source=%s device=%s dtype=%s quantize=%s max_batch_size=%d%s",
+            info.tag,
+            info.source,
+            device,
+            self.runner.dtype,
+            settings.quantize,
+            settings.max_batch_size,
+            " RANDOM WEIGHTS: generated text is meaningless" if info.random_weights else "",
+        )
+
+    @classmethod
+    def from_directory(cls, path: str | Path, info: ModelInfo, settings: Settings) -> Engine:
+        """Loads a Hugging Face model directory (`model/` and `tokenizer/` inside it)."""
+        path = Path(path)
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        model = AutoModelForCausalLM.from_pretrained(path / "model", dtype=torch.float32)
+        return cls(model, tokenizer, info, settings)
+
+    # -- requests ---------------------------------------------------------------
+
+    def encode(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        field: str = "prompt",
+        budget_field: str = "max_new_tokens",
+    ) -> list[int]:
+        """Tokenizes a prompt, checking the character limit and the context length.
+
+        `field` and `budget_field` are the wire names of the prompt and of the
+        new-token budget, so the message speaks the client's vocabulary.
+        """
+        limit = self.settings.max_prompt_chars
+        if len(prompt) > limit:
+            raise ParamError(field, f"{field} has {len(prompt)} characters; the limit is {limit}")
+        ids: list[int] = self.tokenizer(prompt).input_ids
+        if not ids:
+            raise ParamError(field, f"{field} must not be empty")
+        n_ctx = self.info.n_ctx
+        if len(ids) + max_new_tokens > n_ctx:
+            raise ParamError(
+                field,
+                f"{field} has {len(ids)} tokens and {budget_field} is {max_new_tokens}: "
+                f"{len(ids) + max_new_tokens} exceeds the model's context of {n_ctx} tokens",
+            )
+        return ids
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        generator = None
+        if params.do_sample:
+            generator = torch.Generator(device=self.runner.device)
+            generator.manual_seed(params.seed)
+        return Sequence(prompt_ids, params, self.tokenizer, generator)
+
+    @staticmethod
+    def with_seed(params: SamplingParams) -> SamplingParams:
+        """Sampling without a seed gets a random one, reported back to the client."""
+        if params.do_sample and params.seed is None:
+            return replace(params, seed=random.randrange(2**31))
+        return params
+
+    async def stream(self, seqs: list[Sequence]) -> AsyncIterator[tuple[int, Event]]:
+        """Submits sequences together; yields (index, event) until all have finished.
+
+        Leaving the iteration early (client gone, task cancelled) cancels every
+        sequence still running; their rows free at the next step.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        index = {seq.request_id: i for i, seq in enumerate(seqs)}
+        for seq in seqs:
+            self._sinks[seq.request_id] = _Sink(loop, queue)
+        try:
+            self.scheduler.submit(seqs)
+        except QueueFull as exc:
+            for seq in seqs:
+                self._sinks.pop(seq.request_id, None)
+            raise EngineOverloaded(str(exc)) from None
+        pending = len(seqs)
+        try:
+            while pending:
+                request_id, event = await queue.get()
+                if isinstance(event, FinishEvent):
+                    pending -= 1
+                yield index[request_id], event
+        finally:
+            for seq in seqs:
+                if not seq.status.finished:
+                    self.scheduler.cancel(seq)
+                self._sinks.pop(seq.request_id, None)
+
+    def warm_up(self) -> None:
+        """One short generation through every code path before the service says ready."""
+        started = time.perf_counter()
+        params = SamplingParams(max_new_tokens=4, min_new_tokens=4)
+        seqs = [self.new_sequence(self.encode("Warm up", 4), params)]
+        self.scheduler.submit(seqs)
+        while not seqs[0].status.finished:
+            time.sleep(0.01)
+        logger.info("warm-up took %.2fs", time.perf_counter() - started)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+
+    # -- the engine thread ------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            if self.scheduler.wait_for_work(timeout=0.5):
+                self.step()
+
+    def step(self) -> None:
+        """Retire, admit (prefill), decode one token per running sequence, deliver."""
+        done, moves = self.scheduler.retire()
+        if moves:
+            self.runner.move_rows(moves, used=max(s.num_tokens for s in self.scheduler.running))
+        admitted, dropped = self.scheduler.admit()
+        decoding = self.scheduler.running[: len(self.scheduler.running) - len(admitted)]
+        try:
+            self._forward(decoding, admitted)
+        except Exception as exc:  # a failed step fails its sequences, never the engine
+            logger.exception("generation step failed")
+            for seq in self.scheduler.running:
+                seq.finish(Status.FAILED, error=f"generation failed: {exc}")
+        self._deliver(done + dropped + self.scheduler.running)
+
+    def _forward(self, decoding: list[Sequence], admitted: list[Sequence]) -> None:
+        if decoding:
+            logits = self.runner.decode(
+                [s.output_ids[-1] for s in decoding], [s.num_tokens - 1 for s in decoding]
+            )
+            self._append(decoding, logits)
+        if admitted:
+            started = time.perf_counter()
+            logits = self.runner.prefill(
+                [s.prompt_ids for s in admitted], first_row=admitted[0].row
+            )
+            logger.debug("prefill of %d took %.3fs", len(admitted), time.perf_counter() - started)
+            self._append(admitted, logits)
+
+    def _append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        for seq, choice in zip(seqs, choose_tokens(logits, seqs, self.eos_token_id), strict=True):
+            seq.append_token(
+                choice.token_id, self.eos_token_id, choice.logprob, choice.top_logprobs
+            )
+
+    def _deliver(self, seqs: list[Sequence]) -> None:
+        """Hands this step's events to each sequence's event loop, one call per loop."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, int, Event]]] = {}
+        for seq in seqs:
+            events, seq.events = seq.events, []
+            sink = self._sinks.get(seq.request_id)
+            if sink is None or not events:
+                continue
+            batch = batches.setdefault(sink.loop, [])
+            batch.extend((sink.queue, seq.request_id, e) for e in events)
+        for loop, batch in batches.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: its clients are gone
+                loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, int, Event]]) -> None:
+    for queue, request_id, event in batch:
+        queue.put_nowait((request_id, event))

@@ -1,0 +1,103 @@
+"""The engine's one internal description of how to generate.
+
+Both wire schemas (`/generate` and `/v1/completions`) convert into
+`SamplingParams`; this is the only place the values are checked, and every
+check names the parameter, the limit and the value it got.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 5
+
+
+class ParamError(ValueError):
+    """A request parameter is invalid; `param` names it for the client."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _require(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise ParamError(param, message)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 50  # tokens to generate at most
+    min_new_tokens: int = 0  # EOS is suppressed until this many were generated
+    do_sample: bool = False  # False: greedy argmax; True: sample from the processed distribution
+    temperature: float = 1.0  # divides the logits before top-k / top-p (sampling only)
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0  # nucleus: keep the smallest set whose mass reaches top_p
+    repetition_penalty: float = 1.0  # CTRL-style: divides positive logits of seen tokens
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from each generated token's logit
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
+    stop: tuple[str, ...] = ()  # stop sequences matched on decoded text, not returned
+    seed: int | None = None  # seeds the request's own torch.Generator when sampling
+    ignore_eos: bool = False  # keep generating past EOS until max_new_tokens
+    logprobs: int | None = None  # None: none; k: chosen token's logprob and k alternatives
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_new_tokens >= 1,
+            "max_new_tokens",
+            f"max_new_tokens must be >= 1, got {self.max_new_tokens}",
+        )
+        _require(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            "min_new_tokens",
+            f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+            f"got {self.min_new_tokens}",
+        )
+        _require(
+            self.temperature > 0,
+            "temperature",
+            f"temperature must be > 0, got {self.temperature}",
+        )
+        _require(self.top_k >= 0, "top_k", f"top_k must be >= 0, got {self.top_k}")
+        _require(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        _require(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(-2 <= value <= 2, name, f"{name} must be in [-2, 2], got {value}")
+        _require(
+            len(self.stop) <= MAX_STOP_SEQUENCES,
+            "stop",
+            f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(self.stop)}",
+        )
+        for s in self.stop:
+            _require(bool(s), "stop", "stop sequences must be non-empty, got ''")
+            _require(
+                len(s) <= MAX_STOP_CHARS,
+                "stop",
+                f"a stop sequence has at most {MAX_STOP_CHARS} characters, got {len(s)}",
+            )
+        _require(
+            self.seed is None or 0 <= self.seed < 2**63,
+            "seed",
+            f"seed must be in [0, 2**63), got {self.seed}",
+        )
+        _require(
+            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
+        )
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits depend on the tokens seen so far."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )

@@ -1,0 +1,226 @@
+"""Iteration-level (continuous) batching, with no model in it.
+
+The scheduler decides which sequences run at each decode step; the model runner
+does the tensor work. Tests drive this module with scripted token ids.
+
+NOTE (the invariant the runner relies on): `running[i].row == i` for every
+running sequence, and row i of the KV cache holds that sequence's keys and
+values. `admit` appends new sequences at the end; `retire` keeps rows dense by
+moving the last sequence into each freed row and reports those moves, which the
+runner applies to its cache before the next step.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from textgen.params import SamplingParams
+from textgen.text import Decoder, Detokenizer, StopMatcher
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_LENGTH = "length"
+    FINISHED_STOP = "stop"
+    FINISHED_EOS = "eos"
+    CANCELLED = "cancelled"
+    FAILED = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (Status.WAITING, Status.RUNNING)
+
+    @property
+    def finish_reason(self) -> str:
+        """The wire name: length | stop | eos | cancelled | error."""
+        return self.value
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # text this token made safe to show; '' while held back
+    logprob: float | None = None  # log-probability of token_id under the model
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, logprob) alternatives, best first
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    status: Status
+    text: str  # the whole generated text (equals the concatenated TokenEvent texts)
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """All state of one generation request."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    decoder: Decoder
+    generator: Any = None  # torch.Generator when sampling, seeded per request
+    request_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    status: Status = Status.WAITING
+    row: int = -1  # KV cache row while running
+    cancel_requested: bool = False  # set from any thread; honoured at the next step
+    events: list[Event] = field(default_factory=list)  # drained by the engine after each step
+
+    def __post_init__(self) -> None:
+        self._detokenizer = Detokenizer(self.decoder)
+        self._stop = StopMatcher(self.params.stop)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the KV cache once the last output token is fed back."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def append_token(
+        self,
+        token_id: int,
+        eos_token_id: int | None,
+        logprob: float | None = None,
+        top_logprobs: tuple[tuple[int, float], ...] = (),
+    ) -> None:
+        """Records one generated token, decides whether to stop, queues the events."""
+        self.output_ids.append(token_id)
+        piece, status = self._text_and_status(token_id, eos_token_id)
+        self.text += piece
+        self.events.append(TokenEvent(token_id, piece, logprob, top_logprobs))
+        if status is not None:
+            self.finish(status)
+
+    def _text_and_status(
+        self, token_id: int, eos_token_id: int | None
+    ) -> tuple[str, Status | None]:
+        params = self.params
+        if token_id == eos_token_id and not params.ignore_eos:
+            return self._drain(), Status.FINISHED_EOS
+        piece = self._stop.push(self._detokenizer.add(token_id))
+        if self._stop.matched is not None:
+            return piece, Status.FINISHED_STOP
+        if len(self.output_ids) >= params.max_new_tokens:
+            piece += self._drain()
+            status = Status.FINISHED_STOP if self._stop.matched else Status.FINISHED_LENGTH
+            return piece, status
+        return piece, None
+
+    def _drain(self) -> str:
+        """Text still held by the detokenizer and the stop matcher, at the end."""
+        piece = self._stop.push(self._detokenizer.flush())
+        return piece if self._stop.matched else piece + self._stop.flush()
+
+    def finish(self, status: Status, error: str | None = None) -> None:
+        if self.status.finished:
+            return
+        self.status = status
+        self.events.append(
+            FinishEvent(status, self.text, len(self.prompt_ids), len(self.output_ids), error)
+        )
+
+
+class QueueFull(Exception):
+    """More requests wait for admission than the scheduler accepts."""
+
+
+class Scheduler:
+    """Admits waiting sequences into the running batch and retires finished ones.
+
+    `submit` and `cancel` may be called from any thread; everything else runs on
+    the engine's thread.
+    """
+
+    def __init__(self, max_batch_size: int, max_waiting: int) -> None:
+        self.max_batch_size = max_batch_size  # rows in the running batch
+        self.max_waiting = max_waiting  # queued sequences beyond which submit refuses
+        self.running: list[Sequence] = []  # running[i].row == i
+        self._waiting: deque[Sequence] = deque()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queues sequences for admission, all or none."""
+        with self._lock:
+            if len(self._waiting) + len(seqs) > self.max_waiting + self.max_batch_size - len(
+                self.running
+            ):
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are waiting (limit {self.max_waiting})"
+                )
+            self._waiting.extend(seqs)
+            self._work.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        with self._lock:
+            seq.cancel_requested = True
+            self._work.notify()
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Blocks the engine thread until something is running or waiting."""
+        with self._lock:
+            if not self.running and not self._waiting:
+                self._work.wait(timeout)
+            return bool(self.running or self._waiting)
+
+    def admit(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Moves waiting sequences into free rows.
+
+        Returns the admitted ones (they need a prefill) and the ones cancelled
+        while they waited (finished without running).
+        """
+        admitted: list[Sequence] = []
+        dropped: list[Sequence] = []
+        with self._lock:
+            while self._waiting and len(self.running) < self.max_batch_size:
+                seq = self._waiting.popleft()
+                if seq.cancel_requested:
+                    seq.finish(Status.CANCELLED)
+                    dropped.append(seq)
+                    continue
+                seq.status = Status.RUNNING
+                seq.row = len(self.running)
+                self.running.append(seq)
+                admitted.append(seq)
+        return admitted, dropped
+
+    def retire(self) -> tuple[list[Sequence], list[tuple[int, int]]]:
+        """Removes finished (and cancelled) sequences from the batch.
+
+        Returns them and the KV-cache row moves `(src, dst)` that keep rows dense;
+        apply the moves in order.
+        """
+        for seq in self.running:
+            if seq.cancel_requested and not seq.status.finished:
+                seq.finish(Status.CANCELLED)
+        done = [seq for seq in self.running if seq.status.finished]
+        moves: list[tuple[int, int]] = []
+        # Descending: every finished row above `row` is gone already, so the
+        # last row is a live sequence whenever it differs from `row`.
+        for row in sorted((seq.row for seq in done), reverse=True):
+            last = len(self.running) - 1
+            if row != last:
+                self.running[row] = self.running[last]
+                self.running[row].row = row
+                moves.append((last, row))
+            self.running.pop()
+        for seq in done:
+            seq.row = -1
+        return done, moves

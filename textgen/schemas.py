@@ -1,0 +1,108 @@
+"""Wire schemas of the native routes (`/generate`, `/generate_stream`, the seed route).
+
+Pydantic at the HTTP edge, converted to `SamplingParams` in one place
+(`GenerateRequest.to_sampling_params`). Every validation message names the
+field, the rule and the value the client sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from _bentoml_sdk import IODescriptor
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from textgen.params import MAX_STOP_SEQUENCES, SamplingParams
+
+EXAMPLE_PROMPT = "Artificial Intelligence is a"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def with_values(exc: ValidationError) -> ValidationError:
+    """Re-raises pydantic's errors with messages that also name the field and the value."""
+    details: list[InitErrorDetails] = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "body"
+        message = f"{field}: {err['msg']}, got {_shown(err.get('input'))}"
+        details.append(
+            InitErrorDetails(
+                type=PydanticCustomError("invalid_value", message),
+                loc=err["loc"],
+                input=err.get("input"),
+            )
+        )
+    return ValidationError.from_exception_data(exc.title, details)
+
+
+class ValueNamingModel(BaseModel):
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_the_values(cls, data: Any, handler: Any) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise with_values(exc) from None
+
+
+class GenerateRequest(ValueNamingModel, IODescriptor):
+    """Body of `POST /generate` and `POST /generate_stream`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="Text to continue.", examples=[EXAMPLE_PROMPT])
+    max_new_tokens: int = Field(50, ge=1, description="Tokens to generate at most.")
+    min_new_tokens: int = Field(0, ge=0, description="EOS is suppressed until this many.")
+    do_sample: bool = Field(False, description="false: greedy decoding; true: sampling.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeats.")
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_SEQUENCES,
+        description="Stop sequences; matched on the text and not returned.",
+    )
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling.")
+    return_full_text: bool = Field(False, description="Prepend the prompt to `generated`.")
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_k=self.top_k or 0,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            stop=tuple(self.stop),
+            seed=self.seed,
+        )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    input: str = Field(description="The prompt, as sent.")
+    generated: str = Field(description="The new text (prompt + new text with return_full_text).")
+    finish_reason: str = Field(description="length | stop | eos")
+    usage: Usage
+    seed: int | None = Field(None, description="The seed used, when sampling.")
+
+
+class SeedRequest(ValueNamingModel, IODescriptor):
+    """The tutorial's body: `{"text": ...}`."""
+
+    text: str = Field(min_length=1, examples=[EXAMPLE_PROMPT])
+
+
+class SeedResponse(BaseModel):
+    input: str
+    generated: str
