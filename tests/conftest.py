@@ -1,0 +1,161 @@
+"""Shared fixtures: a tiny random GPT-2, a temporary model store, a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from textgen.config import Settings
+from textgen.engine import Engine, ModelInfo
+from textgen.models import gpt2_tokenizer, random_gpt2
+from textgen.params import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Any:
+    return random_gpt2(tiny=True)
+
+
+def make_engine(tiny_model: Any, tokenizer: Any, **settings: Any) -> Engine:
+    info = ModelInfo("gpt2", "gpt2:test", "random:test", True, 1024)
+    defaults = {"dtype": "float32", "device": "cpu", "max_batch_size": 8}
+    return Engine(tiny_model, tokenizer, info, Settings(**{**defaults, **settings}))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model, tokenizer) -> Iterator[Engine]:
+    eng = make_engine(tiny_model, tokenizer)
+    yield eng
+    eng.shutdown()
+
+
+def hf_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, **kw: Any) -> list[int]:
+    """The model's own `generate`: the reference every greedy test compares with."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+        **kw,
+    )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+async def collect(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list, Any]:
+    """Runs one request on the engine; returns (token events, finish event)."""
+    seq = engine.new_sequence(engine.encode(prompt, params.max_new_tokens), params)
+    tokens, final = [], None
+    async for _, event in engine.stream([seq]):
+        if hasattr(event, "token_id"):
+            tokens.append(event)
+        else:
+            final = event
+    return tokens, final
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def import_tiny(home: Path) -> str:
+    """Imports the tiny random GPT-2 into the store at `home`; returns its tag."""
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    out = subprocess.run(
+        [sys.executable, "download_model.py", "--random-init", "--tiny"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> tuple[Path, str]:
+    home = tmp_path_factory.mktemp("bentoml_home")
+    return home, import_tiny(home)
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
+
+
+def start_server(home: Path, tag: str, log: Path, **env: str) -> Server:
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "TEXTGEN_MODEL": tag,
+        "TEXTGEN_DTYPE": "float32",
+        "BENTOML_DO_NOT_TRACK": "True",
+        **env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port", str(port)],
+        cwd=ROOT,
+        env=full_env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return Server(url, proc, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(Server(url, proc, log))
+    raise RuntimeError(f"bentoml serve was not ready in 120 s:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> int:
+    """SIGTERM to the process group, as an orchestrator would; returns the exit code."""
+    if server.proc.poll() is None:
+        os.killpg(server.proc.pid, 15)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, 9)
+            server.proc.wait()
+    return server.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(model_store, tmp_path_factory) -> Iterator[Server]:
+    home, tag = model_store
+    srv = start_server(home, tag, tmp_path_factory.mktemp("logs") / "serve.log")
+    yield srv
+    stop_server(srv)
