@@ -81,9 +81,31 @@ def load_dir(path: Path) -> tuple[object, object, dict[str, object]]:
     return model, tokenizer, {"local_dir": str(path.resolve())}
 
 
+def check_hub_reachable(model_id: str, timeout: float = 10.0) -> None:
+    """Fails fast when the hub can't be reached, instead of the client's minute of retries."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return  # offline mode loads from the local cache
+    url = f"{constants.ENDPOINT}/api/models/{model_id}"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return  # the hub answered; from_pretrained reports what it said
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ImportFailed(
+            f"The Hugging Face Hub ({constants.ENDPOINT}) is unreachable: {reason}\n{OFFLINE_HINT}"
+        ) from None
+
+
 def load_hub(model_id: str, revision: str) -> tuple[object, object, dict[str, object]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_hub_reachable(model_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision)

@@ -37,7 +37,7 @@ class TextGeneration:
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **body: Any) -> GenerateResponse:
         """Continue the prompt; the new text comes back in one response."""
-        return await api.generate(self.engine, GenerateRequest(**body), ctx.request)
+        return await api.generate(self.engine, GenerateRequest(**body), ctx)
 
     @bentoml.api(route="/generate_stream", input_spec=GenerateRequest)
     async def generate_stream(self, **body: Any) -> Any:
@@ -47,7 +47,7 @@ class TextGeneration:
     @bentoml.api(route="/text-generation/generate", input_spec=SeedRequest)
     async def text_generation(self, ctx: bentoml.Context, text: str) -> SeedResponse:
         """The tutorial's route: `{"text"}` in, `{"input", "generated"}` out."""
-        result = await api.generate(self.engine, GenerateRequest(prompt=text), ctx.request)
+        result = await api.generate(self.engine, GenerateRequest(prompt=text), ctx)
         if not isinstance(result, GenerateResponse):
             return result  # an error response, passed through
         return SeedResponse(input=text, generated=result.generated)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import httpx
 import pytest
 import torch
@@ -101,6 +102,24 @@ def import_tiny(home: Path) -> str:
 def model_store(tmp_path_factory) -> tuple[Path, str]:
     home = tmp_path_factory.mktemp("bentoml_home")
     return home, import_tiny(home)
+
+
+def store_entries(home: Path, name: str = "gpt2") -> dict[str, Any]:
+    """Entries of the model store at `home` (BentoML caches BENTOML_HOME, so open it directly)."""
+    from bentoml._internal.models import ModelStore
+
+    store = ModelStore(home / "models")
+    try:
+        return {str(m.tag): m for m in store.list(name)}
+    except bentoml.exceptions.NotFound:
+        return {}
+
+
+def load_stored_model(home: Path, tag: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = store_entries(home)[tag].path
+    return AutoModelForCausalLM.from_pretrained(f"{path}/model", dtype=torch.float32)
 
 
 class Server:

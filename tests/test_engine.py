@@ -93,9 +93,7 @@ def test_top_k_1_sampling_is_greedy(engine, tiny_model, tokenizer):
 def test_repetition_penalty_matches_transformers(engine, tiny_model, tokenizer):
     params = SamplingParams(max_new_tokens=15, repetition_penalty=1.5)
     tokens, _ = run(collect(engine, PROMPTS[1], params))
-    expected = hf_greedy(
-        tiny_model, tokenizer(PROMPTS[1]).input_ids, 15, repetition_penalty=1.5
-    )
+    expected = hf_greedy(tiny_model, tokenizer(PROMPTS[1]).input_ids, 15, repetition_penalty=1.5)
     assert [t.token_id for t in tokens] == expected
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
+from bentoml import Context
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
@@ -61,21 +62,30 @@ async def until_disconnected(request: Request | None, work: Awaitable[T]) -> T |
         task.cancel()
 
 
-async def generate(engine: Engine, request: GenerateRequest, http: Request | None) -> Any:
-    """POST /generate: the whole text at once."""
+async def generate(engine: Engine, request: GenerateRequest, ctx: Context) -> Any:
+    """POST /generate: the whole text at once.
+
+    BentoML gives a route that takes a context the context's status code, so
+    errors set it there as well as on the response.
+    """
+
+    def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+        ctx.response.status_code = status
+        return error_response(status, message, param)
+
     try:
         prompt_ids, params = prepare(engine, request)
     except ParamError as exc:
-        return error_response(400, str(exc), exc.param)
+        return error(400, str(exc), exc.param)
     seq = engine.new_sequence(prompt_ids, params)
     try:
-        final = await until_disconnected(http, _final_event(engine.stream([seq])))
+        final = await until_disconnected(ctx.request, _final_event(engine.stream([seq])))
     except EngineOverloaded as exc:
-        return error_response(429, f"server is at capacity: {exc}; retry later")
+        return error(429, f"server is at capacity: {exc}; retry later")
     if final is None:
-        return error_response(499, "client closed the request")
+        return error(499, "client closed the request")
     if final.status is Status.FAILED:
-        return error_response(500, final.error or "generation failed")
+        return error(500, final.error or "generation failed")
     generated = request.prompt + final.text if request.return_full_text else final.text
     return GenerateResponse(
         input=request.prompt,

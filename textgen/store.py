@@ -40,7 +40,7 @@ def import_model(
         "model_type": model.config.model_type,
         "parameters": parameter_count(model),
         "context_length": model.config.n_positions,
-        **extra,
+        **{k: v for k, v in extra.items() if v is not None},  # the store takes no None
     }
     labels = {"source": kind, "architecture": model.config.model_type}
     if random_weights:

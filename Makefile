@@ -1,0 +1,25 @@
+# Set-up lives here so that the README's two commands work on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 3000
+
+.PHONY: serve test lint bench
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+serve: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PORT=$(PORT) ./scripts/serve.sh
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench.py
