@@ -10,6 +10,7 @@ import bentoml
 from textgen import api, openai_api
 from textgen.config import Settings
 from textgen.engine import Engine
+from textgen.frontdoor import GuardedService
 from textgen.schemas import GenerateRequest, GenerateResponse, SeedRequest, SeedResponse
 from textgen.store import model_info
 
@@ -23,7 +24,10 @@ logger = logging.getLogger("textgen")
     name="textgen",
     resources={"gpu": 1, "cpu": "2"},  # a GPU when the host has one; runs on CPU otherwise
     workers=1,  # one engine per process: continuous batching needs every request in it
-    traffic={"timeout": 900},  # a 1024-token generation on a busy CPU fits
+    # A 1024-token generation on a busy CPU fits the timeout; beyond
+    # max_concurrency requests BentoML answers 429 (the FrontDoor adds Retry-After).
+    traffic={"timeout": 900, "max_concurrency": SETTINGS.max_concurrency},
+    service_class=GuardedService,
 )
 class TextGeneration:
     model = bentoml.models.BentoModel(SETTINGS.model_tag)
@@ -47,7 +51,9 @@ class TextGeneration:
     @bentoml.api(route="/text-generation/generate", input_spec=SeedRequest)
     async def text_generation(self, ctx: bentoml.Context, text: str) -> SeedResponse:
         """The tutorial's route: `{"text"}` in, `{"input", "generated"}` out."""
-        result = await api.generate(self.engine, GenerateRequest(prompt=text), ctx)
+        result = await api.generate(
+            self.engine, GenerateRequest(prompt=text), ctx, route="/text-generation/generate"
+        )
         if not isinstance(result, GenerateResponse):
             return result  # an error response, passed through
         return SeedResponse(input=text, generated=result.generated)

@@ -62,7 +62,9 @@ async def until_disconnected(request: Request | None, work: Awaitable[T]) -> T |
         task.cancel()
 
 
-async def generate(engine: Engine, request: GenerateRequest, ctx: Context) -> Any:
+async def generate(
+    engine: Engine, request: GenerateRequest, ctx: Context, route: str = "/generate"
+) -> Any:
     """POST /generate: the whole text at once.
 
     BentoML gives a route that takes a context the context's status code, so
@@ -79,7 +81,7 @@ async def generate(engine: Engine, request: GenerateRequest, ctx: Context) -> An
         return error(400, str(exc), exc.param)
     seq = engine.new_sequence(prompt_ids, params)
     try:
-        final = await until_disconnected(ctx.request, _final_event(engine.stream([seq])))
+        final = await until_disconnected(ctx.request, _final_event(engine.stream([seq], route)))
     except EngineOverloaded as exc:
         return error(429, f"server is at capacity: {exc}; retry later")
     if final is None:
@@ -115,7 +117,7 @@ async def generate_stream(engine: Engine, request: GenerateRequest) -> Any:
     except ParamError as exc:
         return error_response(400, str(exc), exc.param)
     seq = engine.new_sequence(prompt_ids, params)
-    events = engine.stream([seq])
+    events = engine.stream([seq], "/generate_stream")
     try:
         first = await anext(events)  # surfaces overload as a status code, not an event
     except EngineOverloaded as exc:

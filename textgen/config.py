@@ -37,7 +37,8 @@ class Settings:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantize: str = "none"  # none | int8 (dynamic int8 linear layers, CPU only)
     max_batch_size: int = 32  # sequences decoded together in one step
-    max_waiting: int = 256  # requests queued for admission before 429
+    max_waiting: int = 256  # sequences queued for a batch row before 429
+    max_concurrency: int = 128  # requests in the server at once (BentoML's limiter), then 429
     max_prompt_chars: int = 16_384  # prompt length limit checked before tokenizing
     max_new_tokens_limit: int = 1024  # upper bound on max_new_tokens / max_tokens
     max_n: int = 8  # upper bound on OpenAI `n` (choices per prompt)
@@ -49,13 +50,17 @@ class Settings:
         device = os.environ.get("TEXTGEN_DEVICE", "auto").strip().lower() or "auto"
         if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
             raise ConfigError(f"TEXTGEN_DEVICE must be auto|cpu|cuda|cuda:N|mps, got {device!r}")
+        max_batch_size = _env_int("TEXTGEN_MAX_BATCH_SIZE", 32, 1)
         return cls(
             model_tag=os.environ.get("TEXTGEN_MODEL", "").strip() or "gpt2:latest",
             device=device,
             dtype=_env_choice("TEXTGEN_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
             quantize=_env_choice("TEXTGEN_QUANTIZE", "none", ("none", "int8")),
-            max_batch_size=_env_int("TEXTGEN_MAX_BATCH_SIZE", 32, 1),
+            max_batch_size=max_batch_size,
             max_waiting=_env_int("TEXTGEN_MAX_WAITING", 256, 0),
+            # Four batches' worth: one running, the rest queued, each queued at
+            # most three steps' worth of completions behind.
+            max_concurrency=_env_int("TEXTGEN_MAX_CONCURRENCY", 4 * max_batch_size, 1),
             max_prompt_chars=_env_int("TEXTGEN_MAX_PROMPT_CHARS", 16_384, 1),
             max_new_tokens_limit=_env_int("TEXTGEN_MAX_NEW_TOKENS", 1024, 1),
             max_n=_env_int("TEXTGEN_MAX_N", 8, 1),

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from textgen import metrics
 from textgen.config import Settings
 from textgen.devices import resolve_device, resolve_dtype
 from textgen.params import ParamError, SamplingParams
@@ -131,7 +132,9 @@ class Engine:
             return replace(params, seed=random.randrange(2**31))
         return params
 
-    async def stream(self, seqs: list[Sequence]) -> AsyncIterator[tuple[int, Event]]:
+    async def stream(
+        self, seqs: list[Sequence], route: str = "engine"
+    ) -> AsyncIterator[tuple[int, Event]]:
         """Submits sequences together; yields (index, event) until all have finished.
 
         Leaving the iteration early (client gone, task cancelled) cancels every
@@ -154,11 +157,13 @@ class Engine:
                 request_id, event = await queue.get()
                 if isinstance(event, FinishEvent):
                     pending -= 1
+                    metrics.requests.labels(route, event.status.finish_reason).inc()
                 yield index[request_id], event
         finally:
             for seq in seqs:
                 if not seq.status.finished:
                     self.scheduler.cancel(seq)
+                    metrics.requests.labels(route, Status.CANCELLED.finish_reason).inc()
                 self._sinks.pop(seq.request_id, None)
 
     def warm_up(self) -> None:
@@ -188,6 +193,8 @@ class Engine:
         if moves:
             self.runner.move_rows(moves, used=max(s.num_tokens for s in self.scheduler.running))
         admitted, dropped = self.scheduler.admit()
+        metrics.queue_depth.set(self.scheduler.num_waiting)
+        metrics.running_batch_size.set(len(self.scheduler.running))
         decoding = self.scheduler.running[: len(self.scheduler.running) - len(admitted)]
         try:
             self._forward(decoding, admitted)

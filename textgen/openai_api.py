@@ -275,7 +275,7 @@ def _encode(engine: Engine, prompt: str, max_tokens: int) -> list[int]:
 
 async def _complete(c: _Completion) -> dict[str, Any]:
     with_logprobs = c.req.logprobs is not None
-    async with aclosing(c.engine.stream(c.seqs)) as events:
+    async with aclosing(c.engine.stream(c.seqs, "/v1/completions")) as events:
         async for i, event in events:
             if isinstance(event, TokenEvent):
                 c.choices[i].add(event, c.engine, with_logprobs)
@@ -346,7 +346,7 @@ async def completions(request: Request) -> Response:
         if not req.stream:
             body = await until_disconnected(request, _complete(c))
             return JSONResponse(body) if body is not None else Response(status_code=499)
-        events = c.engine.stream(c.seqs)
+        events = c.engine.stream(c.seqs, "/v1/completions")
         first = await anext(events)  # overload surfaces as 429 before the stream starts
         return StreamingResponse(_stream(c, events, first), media_type="text/event-stream")
     except OpenAIError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,8 @@ class Sequence:
     status: Status = Status.WAITING
     row: int = -1  # KV cache row while running
     cancel_requested: bool = False  # set from any thread; honoured at the next step
+    arrival_time: float = field(default_factory=time.perf_counter)
+    last_token_time: float | None = None  # perf_counter() of the latest token
     events: list[Event] = field(default_factory=list)  # drained by the engine after each step
 
     def __post_init__(self) -> None:

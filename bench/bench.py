@@ -1,0 +1,261 @@
+"""Throughput and latency of this service against the seed-style baseline, in one run.
+
+    python bench/bench.py [--concurrency 1 8 16 32] [--new-tokens 64]
+
+Builds GPT-2 124M with seeded random weights and the real tokenizer into one
+model directory, imports it into a temporary model store, and serves it three
+ways: this service in bfloat16, this service with dynamic int8, and the seed's
+Flask + pipeline service. Every request generates exactly --new-tokens tokens
+(min_new_tokens = max_new_tokens). Prints a markdown table, writes
+bench/RESULTS.md, bench/results.json and the plot bench/throughput.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a remote"
+
+
+@dataclass
+class Level:
+    system: str
+    concurrency: int
+    requests: int
+    tokens_per_s: float
+    ttft_p50_s: float
+    latency_p50_s: float
+    latency_p99_s: float
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    streaming: bool  # False: the baseline, whose first token comes with the last
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def one_request(client: httpx.AsyncClient, target: Target, n: int) -> tuple[float, float]:
+    """(time to first token, latency) of one request, in seconds."""
+    started = time.perf_counter()
+    if not target.streaming:
+        body = {"text": PROMPT, "max_new_tokens": n, "min_new_tokens": n}
+        r = await client.post(f"{target.url}/text-generation/generate", json=body)
+        r.raise_for_status()
+        latency = time.perf_counter() - started
+        return latency, latency
+    body = {"prompt": PROMPT, "max_new_tokens": n, "min_new_tokens": n}
+    first = None
+    tokens = 0
+    async with client.stream("POST", f"{target.url}/generate_stream", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith('data: {"token"'):
+                tokens += 1
+                first = first or time.perf_counter() - started
+    assert tokens == n, f"expected {n} tokens, got {tokens}"
+    return first or 0.0, time.perf_counter() - started
+
+
+async def run_level(target: Target, concurrency: int, n: int, rounds: int) -> Level:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+
+        async def worker() -> list[tuple[float, float]]:
+            return [await one_request(client, target, n) for _ in range(rounds)]
+
+        started = time.perf_counter()
+        results = [
+            r for w in await asyncio.gather(*(worker() for _ in range(concurrency))) for r in w
+        ]
+        wall = time.perf_counter() - started
+    ttfts, latencies = [r[0] for r in results], [r[1] for r in results]
+    return Level(
+        system=target.name,
+        concurrency=concurrency,
+        requests=len(results),
+        tokens_per_s=len(results) * n / wall,
+        ttft_p50_s=statistics.median(ttfts),
+        latency_p50_s=statistics.median(latencies),
+        latency_p99_s=percentile(latencies, 0.99),
+    )
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready:\n{log.read_text()[-3000:]}")
+
+
+def start(cmd: list[str], env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_ready(f"http://127.0.0.1:{port}", proc, log)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+def prepare_model(work: Path) -> tuple[Path, Path, str]:
+    """A 124M random GPT-2 directory, and a model store holding it."""
+    from textgen.models import gpt2_tokenizer, random_gpt2
+
+    model_dir = work / "gpt2-random"
+    random_gpt2().save_pretrained(model_dir)
+    gpt2_tokenizer().save_pretrained(model_dir)
+    home = work / "bentoml_home"
+    out = subprocess.run(
+        [sys.executable, "download_model.py", "--from-dir", str(model_dir)],
+        cwd=ROOT,
+        env={**os.environ, "BENTOML_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return model_dir, home, out.stdout.strip()
+
+
+def bench_system(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    port: int,
+    work: Path,
+    args: argparse.Namespace,
+    streaming: bool,
+) -> list[Level]:
+    log = work / f"{name.replace(' ', '_')}.log"
+    started = time.perf_counter()
+    proc = start(cmd, env, port, log)
+    print(f"# {name}: ready in {time.perf_counter() - started:.1f}s", flush=True)
+    target = Target(name, f"http://127.0.0.1:{port}", streaming)
+    levels = []
+    try:
+        asyncio.run(run_level(target, 2, 8, 1))  # warm-up
+        for c in args.concurrency:
+            rounds = 1 if not streaming else max(1, args.requests // c)
+            level = asyncio.run(run_level(target, c, args.new_tokens, rounds))
+            print(
+                f"  {c:>3} clients: {level.tokens_per_s:7.1f} tok/s, "
+                f"p50 {level.latency_p50_s:.2f}s",
+                flush=True,
+            )
+            levels.append(level)
+    finally:
+        stop(proc)
+    return levels
+
+
+def table(levels: list[Level]) -> str:
+    rows = [
+        "| system | clients | output tok/s | TTFT p50 (s) | latency p50 (s) | latency p99 (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rows += [
+        f"| {lv.system} | {lv.concurrency} | {lv.tokens_per_s:.1f} | {lv.ttft_p50_s:.2f} | "
+        f"{lv.latency_p50_s:.2f} | {lv.latency_p99_s:.2f} |"
+        for lv in levels
+    ]
+    return "\n".join(rows)
+
+
+def plot(levels: list[Level], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system in dict.fromkeys(lv.system for lv in levels):
+        pts = [lv for lv in levels if lv.system == system]
+        ax.plot(
+            [p.concurrency for p in pts], [p.tokens_per_s for p in pts], marker="o", label=system
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("output tokens / s (all clients)")
+    ax.set_title("GPT-2 124M (random weights), 2 CPU cores, 64 new tokens per request")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=64, help="requests per level (ours)")
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+    levels: list[Level] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir, home, tag = prepare_model(work)
+        serve = [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port"]
+        base_env = {"BENTOML_HOME": str(home), "TEXTGEN_MODEL": tag, "TEXTGEN_MAX_BATCH_SIZE": "32"}
+        systems = [
+            ("textgen bf16", {"TEXTGEN_DTYPE": "bfloat16"}),
+            ("textgen int8", {"TEXTGEN_QUANTIZE": "int8"}),
+        ]
+        for i, (name, env) in enumerate(systems):
+            port = 3901 + i
+            levels += bench_system(
+                name, [*serve, str(port)], {**base_env, **env}, port, work, args, streaming=True
+            )
+        if not args.skip_baseline:
+            cmd = [sys.executable, "bench/seed_baseline.py", str(model_dir), "3909"]
+            levels += bench_system(
+                "seed baseline (Flask + pipeline)", cmd, {}, 3909, work, args, streaming=False
+            )
+    md = table(levels)
+    print(md)
+    (ROOT / "bench" / "RESULTS.md").write_text(md + "\n")
+    (ROOT / "bench" / "results.json").write_text(
+        json.dumps([asdict(lv) for lv in levels], indent=1)
+    )
+    plot(levels, ROOT / "bench" / "throughput.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The outermost layer of the HTTP app: body size, API key, and the 429 shape.
+
+BentoML puts user middlewares inside its own traffic limiter, so this wraps the
+whole app instead (`GuardedService.to_asgi`): it sees every request first and
+every response last, including BentoML's `traffic.max_concurrency` 429s, to
+which it adds `Retry-After` and, on /v1, OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from _bentoml_sdk.service.factory import Service
+
+from textgen import metrics
+from textgen.api import RETRY_AFTER_SECONDS, error_response
+from textgen.config import Settings
+from textgen.openai_api import OpenAIError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+GENERATION_ROUTES = frozenset({"/generate", "/generate_stream", "/text-generation/generate"})
+REJECTION_CAUSES = {
+    400: "invalid",
+    401: "unauthorized",
+    413: "body_too_large",
+    422: "invalid",
+    429: "overloaded",
+}
+
+
+def is_generation_route(path: str) -> bool:
+    return path in GENERATION_ROUTES or path.startswith("/v1/")
+
+
+class FrontDoor:
+    def __init__(self, app: ASGIApp, settings: Settings, max_body_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.api_key = settings.api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_generation_route(scope["path"]):
+            return await self.app(scope, receive, send)
+        openai_route = scope["path"].startswith("/v1/")
+        send = self._watching(send, scope, receive, openai_route)
+        if self.api_key is not None and not self._authorized(scope):
+            return await self._reject(
+                401,
+                "missing or wrong API key: send `Authorization: Bearer <key>`",
+                scope,
+                receive,
+                send,
+            )
+        if scope["method"] == "POST":
+            body = await self._read_body(scope, receive)
+            if body is None:
+                return await self._reject(
+                    413,
+                    f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                    scope,
+                    receive,
+                    send,
+                )
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # Constant-time: the comparison takes as long whatever prefix matches.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(
+            token.strip(), self.api_key.encode()
+        )
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None once it passes the limit (declared or actual)."""
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _reject(
+        self, status: int, message: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        await _error(status, message, scope["path"].startswith("/v1/"))(scope, receive, send)
+
+    def _watching(self, send: Send, scope: Scope, receive: Receive, openai_route: bool) -> Send:
+        """Counts rejections; gives a bare 429 (BentoML's limiter) Retry-After and our shape."""
+        replaced = False
+
+        async def watched(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # the bare 429's own body is dropped
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status in REJECTION_CAUSES:
+                    metrics.rejections.labels(cause=REJECTION_CAUSES[status]).inc()
+                headers = dict(message.get("headers", []))
+                if status == 429 and b"retry-after" not in headers:
+                    replaced = True
+                    response = _error(429, "server is at capacity; retry later", openai_route)
+                    await response(scope, receive, send)
+                    return
+            await send(message)
+
+        return watched
+
+
+def _error(status: int, message: str, openai_route: bool) -> Any:
+    if openai_route:
+        kind = {
+            401: ("invalid_request_error", "invalid_api_key"),
+            429: ("rate_limit_error", "rate_limit_exceeded"),
+        }.get(status, ("invalid_request_error", None))
+        response = OpenAIError(status, message, type_=kind[0], code=kind[1]).response()
+    else:
+        response = error_response(status, message)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    if status == 429:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the buffered body once, then the client's own messages."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+class GuardedService(Service):
+    """A BentoML service whose ASGI app is wrapped in the FrontDoor."""
+
+    def to_asgi(self, is_main: bool = True) -> Any:
+        return FrontDoor(super().to_asgi(is_main), Settings.from_env())
