@@ -43,9 +43,9 @@ if docker image inspect "$IMAGE" >/dev/null 2>&1; then
 fi
 
 # The Debian mirror this machine already uses, from its apt sources.
-mirror=$(sed -nE 's#^(URIs:|deb)[[:space:]]+(https?://[^ ]+/debian)/?([[:space:]].*)?$#\2#p' \
-  /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list \
-  2>/dev/null | head -1)
+mirror=$({ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
+  /etc/apt/sources.list.d/*.list 2>/dev/null || true; } |
+  sed -nE 's#^(URIs:|deb)[[:space:]]+(https?://[^ ]+/debian)/?([[:space:]].*)?$#\2#p' | head -1)
 [ -n "$mirror" ] || { log "no Debian mirror found in the apt sources"; exit 3; }
 command -v debootstrap >/dev/null || { log "debootstrap is missing"; exit 3; }
 

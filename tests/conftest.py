@@ -128,10 +128,18 @@ class Server:
 
 
 def start_server(home: Path, tag: str, log: Path, **env: str) -> Server:
+    """`bentoml serve` on a free port, over the model store at `home`.
+
+    Each server gets a BENTOML_HOME of its own (sharing the store's models):
+    BentoML keeps its Prometheus files there and clears them at start.
+    """
     port = free_port()
+    own_home = log.parent / f"bentoml_home_{port}"
+    own_home.mkdir()
+    (own_home / "models").symlink_to(home / "models")
     full_env = {
         **os.environ,
-        "BENTOML_HOME": str(home),
+        "BENTOML_HOME": str(own_home),
         "TEXTGEN_MODEL": tag,
         "TEXTGEN_DTYPE": "float32",
         "BENTOML_DO_NOT_TRACK": "True",

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from textgen import metrics
 from textgen.config import Settings
 from textgen.devices import resolve_device, resolve_dtype
-from textgen.params import ParamError, SamplingParams
+from textgen.params import ParamError, SamplingParams, check_unicode
 from textgen.runner import GPT2Runner
 from textgen.sampling import choose_tokens
 from textgen.scheduler import Event, FinishEvent, QueueFull, Scheduler, Sequence, Status
@@ -50,8 +50,11 @@ class ModelInfo:
 
 @dataclass
 class _Sink:
+    """Where a sequence's events go, and the route its request came by."""
+
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[tuple[int, Event]]
+    route: str
 
 
 class Engine:
@@ -66,6 +69,7 @@ class Engine:
             model, device, dtype, settings.max_batch_size, quantize_int8=settings.quantize == "int8"
         )
         self.scheduler = Scheduler(settings.max_batch_size, settings.max_waiting)
+        self.metrics = metrics.get()
         self._sinks: dict[int, _Sink] = {}  # request_id -> where its events go
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="textgen-engine", daemon=True)
@@ -103,6 +107,7 @@ class Engine:
         `field` and `budget_field` are the wire names of the prompt and of the
         new-token budget, so the message speaks the client's vocabulary.
         """
+        check_unicode(prompt, field)
         limit = self.settings.max_prompt_chars
         if len(prompt) > limit:
             raise ParamError(field, f"{field} has {len(prompt)} characters; the limit is {limit}")
@@ -138,18 +143,19 @@ class Engine:
         """Submits sequences together; yields (index, event) until all have finished.
 
         Leaving the iteration early (client gone, task cancelled) cancels every
-        sequence still running; their rows free at the next step.
+        sequence still running; their rows free at the next step. `route` labels
+        the requests metric, counted by the engine when each sequence finishes.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         index = {seq.request_id: i for i, seq in enumerate(seqs)}
         for seq in seqs:
-            self._sinks[seq.request_id] = _Sink(loop, queue)
+            self._sinks[seq.request_id] = _Sink(loop, queue, route)
         try:
             self.scheduler.submit(seqs)
         except QueueFull as exc:
             for seq in seqs:
-                self._sinks.pop(seq.request_id, None)
+                del self._sinks[seq.request_id]
             raise EngineOverloaded(str(exc)) from None
         pending = len(seqs)
         try:
@@ -157,14 +163,11 @@ class Engine:
                 request_id, event = await queue.get()
                 if isinstance(event, FinishEvent):
                     pending -= 1
-                    metrics.requests.labels(route, event.status.finish_reason).inc()
                 yield index[request_id], event
         finally:
             for seq in seqs:
                 if not seq.status.finished:
                     self.scheduler.cancel(seq)
-                    metrics.requests.labels(route, Status.CANCELLED.finish_reason).inc()
-                self._sinks.pop(seq.request_id, None)
 
     def warm_up(self) -> None:
         """One short generation through every code path before the service says ready."""
@@ -193,8 +196,8 @@ class Engine:
         if moves:
             self.runner.move_rows(moves, used=max(s.num_tokens for s in self.scheduler.running))
         admitted, dropped = self.scheduler.admit()
-        metrics.queue_depth.set(self.scheduler.num_waiting)
-        metrics.running_batch_size.set(len(self.scheduler.running))
+        self.metrics.queue_depth.set(self.scheduler.num_waiting)
+        self.metrics.running_batch_size.set(len(self.scheduler.running))
         decoding = self.scheduler.running[: len(self.scheduler.running) - len(admitted)]
         try:
             self._forward(decoding, admitted)
@@ -211,18 +214,25 @@ class Engine:
             )
             self._append(decoding, logits)
         if admitted:
-            started = time.perf_counter()
             logits = self.runner.prefill(
                 [s.prompt_ids for s in admitted], first_row=admitted[0].row
             )
-            logger.debug("prefill of %d took %.3fs", len(admitted), time.perf_counter() - started)
+            self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
             self._append(admitted, logits)
 
     def _append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        for seq, choice in zip(seqs, choose_tokens(logits, seqs, self.eos_token_id), strict=True):
+        choices = choose_tokens(logits, seqs, self.eos_token_id)
+        now = time.perf_counter()
+        for seq, choice in zip(seqs, choices, strict=True):
+            if seq.last_token_time is None:
+                self.metrics.time_to_first_token.observe(now - seq.arrival_time)
+            else:
+                self.metrics.inter_token_latency.observe(now - seq.last_token_time)
+            seq.last_token_time = now
             seq.append_token(
                 choice.token_id, self.eos_token_id, choice.logprob, choice.top_logprobs
             )
+        self.metrics.generated_tokens.inc(len(seqs))
 
     def _deliver(self, seqs: list[Sequence]) -> None:
         """Hands this step's events to each sequence's event loop, one call per loop."""
@@ -234,6 +244,9 @@ class Engine:
                 continue
             batch = batches.setdefault(sink.loop, [])
             batch.extend((sink.queue, seq.request_id, e) for e in events)
+            if seq.status.finished:  # its FinishEvent is in this batch: the last one
+                self.metrics.requests.labels(sink.route, seq.status.finish_reason).inc()
+                del self._sinks[seq.request_id]
         for loop, batch in batches.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: its clients are gone
                 loop.call_soon_threadsafe(_put_all, batch)

@@ -116,7 +116,7 @@ class FrontDoor:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if status in REJECTION_CAUSES:
-                    metrics.rejections.labels(cause=REJECTION_CAUSES[status]).inc()
+                    metrics.get().rejections.labels(cause=REJECTION_CAUSES[status]).inc()
                 headers = dict(message.get("headers", []))
                 if status == 429 and b"retry-after" not in headers:
                     replaced = True

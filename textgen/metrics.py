@@ -1,44 +1,64 @@
-"""Prometheus metrics, exported by BentoML on /metrics (names get `_total` etc. there)."""
+"""Prometheus metrics, exported by BentoML on /metrics.
+
+Created on first use, not at import: BentoML sets PROMETHEUS_MULTIPROC_DIR in a
+worker after the service module is imported, and metrics made before that
+would live in a private registry that /metrics never reads.
+"""
 
 from __future__ import annotations
 
-import bentoml
+import functools
+from dataclasses import dataclass
+from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
-requests = bentoml.metrics.Counter(
-    name="textgen_requests",
-    documentation="Generation requests answered, by route and finish reason",
-    labelnames=["route", "finish_reason"],
-)
-prompt_tokens = bentoml.metrics.Counter(
-    name="textgen_prompt_tokens", documentation="Prompt tokens prefilled"
-)
-generated_tokens = bentoml.metrics.Counter(
-    name="textgen_generated_tokens", documentation="Tokens generated"
-)
-time_to_first_token = bentoml.metrics.Histogram(
-    name="textgen_time_to_first_token_seconds",
-    documentation="From submission to the first generated token",
-    buckets=LATENCY_BUCKETS,
-)
-inter_token_latency = bentoml.metrics.Histogram(
-    name="textgen_inter_token_latency_seconds",
-    documentation="Between consecutive tokens of one sequence",
-    buckets=LATENCY_BUCKETS,
-)
-queue_depth = bentoml.metrics.Gauge(
-    name="textgen_queue_depth",
-    documentation="Sequences waiting for a batch row",
-    multiprocess_mode="livesum",
-)
-running_batch_size = bentoml.metrics.Gauge(
-    name="textgen_running_batch_size",
-    documentation="Sequences in the running batch",
-    multiprocess_mode="livesum",
-)
-rejections = bentoml.metrics.Counter(
-    name="textgen_rejections",
-    documentation="Requests refused, by cause: invalid, unauthorized, body_too_large, overloaded",
-    labelnames=["cause"],
-)
+
+@dataclass(frozen=True)
+class Metrics:
+    requests: Any  # Counter{route, finish_reason}: answered generation requests
+    prompt_tokens: Any  # Counter: prompt tokens prefilled
+    generated_tokens: Any  # Counter: tokens generated
+    time_to_first_token: Any  # Histogram: submission -> first token, seconds
+    inter_token_latency: Any  # Histogram: between consecutive tokens of a sequence
+    queue_depth: Any  # Gauge: sequences waiting for a batch row
+    running_batch_size: Any  # Gauge: sequences in the running batch
+    rejections: Any  # Counter{cause}: invalid | unauthorized | body_too_large | overloaded
+
+
+@functools.cache
+def get() -> Metrics:
+    import prometheus_client as prom  # here: after BentoML set the multiprocess directory
+
+    return Metrics(
+        requests=prom.Counter(
+            "textgen_requests",
+            "Generation requests answered, by route and finish reason",
+            ["route", "finish_reason"],
+        ),
+        prompt_tokens=prom.Counter("textgen_prompt_tokens", "Prompt tokens prefilled"),
+        generated_tokens=prom.Counter("textgen_generated_tokens", "Tokens generated"),
+        time_to_first_token=prom.Histogram(
+            "textgen_time_to_first_token_seconds",
+            "From submission to the first generated token",
+            buckets=LATENCY_BUCKETS,
+        ),
+        inter_token_latency=prom.Histogram(
+            "textgen_inter_token_latency_seconds",
+            "Between consecutive tokens of one sequence",
+            buckets=LATENCY_BUCKETS,
+        ),
+        queue_depth=prom.Gauge(
+            "textgen_queue_depth", "Sequences waiting for a batch row", multiprocess_mode="livesum"
+        ),
+        running_batch_size=prom.Gauge(
+            "textgen_running_batch_size",
+            "Sequences in the running batch",
+            multiprocess_mode="livesum",
+        ),
+        rejections=prom.Counter(
+            "textgen_rejections",
+            "Requests refused, by cause: invalid, unauthorized, body_too_large, overloaded",
+            ["cause"],
+        ),
+    )

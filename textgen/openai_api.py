@@ -68,7 +68,7 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
     """OpenAI's legacy completions body, with vLLM's extras; unknown fields are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     prompt: str | list[str]
@@ -129,6 +129,8 @@ def parse_request(raw: bytes, engine: Engine) -> CompletionRequest:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OpenAIError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise OpenAIError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, f"request body must be a JSON object, got {type(body).__name__}")
     try:
@@ -232,7 +234,7 @@ class _Completion:
         self.seqs: list[Sequence] = []
         self.choices: list[_Choice] = []
         for prompt in req.prompts:
-            ids = _encode(engine, prompt, req.max_tokens)
+            ids = engine.encode(prompt, req.max_tokens, budget_field="max_tokens")
             for j in range(req.n):
                 params = engine.with_seed(req.to_sampling_params(j))
                 self.seqs.append(engine.new_sequence(ids, params))
@@ -264,13 +266,6 @@ class _Completion:
             )
         self.choices[i].finish_reason = FINISH_REASONS[event.status]
         return self.choices[i].finish_reason
-
-
-def _encode(engine: Engine, prompt: str, max_tokens: int) -> list[int]:
-    try:
-        return engine.encode(prompt, max_tokens, budget_field="max_tokens")
-    except ParamError as exc:
-        raise OpenAIError(400, str(exc), exc.param) from None
 
 
 async def _complete(c: _Completion) -> dict[str, Any]:
@@ -351,6 +346,8 @@ async def completions(request: Request) -> Response:
         return StreamingResponse(_stream(c, events, first), media_type="text/event-stream")
     except OpenAIError as exc:
         return exc.response()
+    except ParamError as exc:
+        return OpenAIError(400, str(exc), exc.param).response()
     except EngineOverloaded as exc:
         return OpenAIError(
             429,

@@ -7,6 +7,7 @@ check names the parameter, the limit and the value it got.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_STOP_SEQUENCES = 4
@@ -20,6 +21,18 @@ class ParamError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def check_unicode(text: str, param: str) -> None:
+    """Rejects text that is not valid Unicode (JSON can carry lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ParamError(
+            param,
+            f"{param} is not valid Unicode: lone surrogate {text[exc.start]!r} "
+            f"at character {exc.start}",
+        ) from None
 
 
 def _require(ok: bool, param: str, message: str) -> None:
@@ -55,6 +68,9 @@ class SamplingParams:
             f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
             f"got {self.min_new_tokens}",
         )
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            _require(math.isfinite(value), name, f"{name} must be finite, got {value}")
         _require(
             self.temperature > 0,
             "temperature",
@@ -77,6 +93,7 @@ class SamplingParams:
         )
         for s in self.stop:
             _require(bool(s), "stop", "stop sequences must be non-empty, got ''")
+            check_unicode(s, "stop")
             _require(
                 len(s) <= MAX_STOP_CHARS,
                 "stop",

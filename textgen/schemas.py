@@ -52,7 +52,7 @@ class ValueNamingModel(BaseModel):
 class GenerateRequest(ValueNamingModel, IODescriptor):
     """Body of `POST /generate` and `POST /generate_stream`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, description="Text to continue.", examples=[EXAMPLE_PROMPT])
     max_new_tokens: int = Field(50, ge=1, description="Tokens to generate at most.")
