@@ -8,9 +8,9 @@ from typing import Any
 import bentoml
 
 from textgen import api, openai_api
+from textgen.bento import TextgenService
 from textgen.config import Settings
 from textgen.engine import Engine
-from textgen.frontdoor import GuardedService
 from textgen.schemas import GenerateRequest, GenerateResponse, SeedRequest, SeedResponse
 from textgen.store import model_info
 
@@ -27,7 +27,7 @@ logger = logging.getLogger("textgen")
     # A 1024-token generation on a busy CPU fits the timeout; beyond
     # max_concurrency requests BentoML answers 429 (the FrontDoor adds Retry-After).
     traffic={"timeout": 900, "max_concurrency": SETTINGS.max_concurrency},
-    service_class=GuardedService,
+    service_class=TextgenService,
 )
 class TextGeneration:
     model = bentoml.models.BentoModel(SETTINGS.model_tag)

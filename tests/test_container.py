@@ -63,7 +63,8 @@ def image(docker_engine, tmp_path_factory):
     image_tag = f"textgen-test:{bento_tag.split(':')[1]}"
     started = time.monotonic()
     sh(sys.executable, "-m", "bentoml", "containerize", bento_tag, "-t", image_tag, env=env)
-    print(f"containerize took {time.monotonic() - started:.0f}s")
+    size = int(sh("docker", "image", "inspect", "-f", "{{.Size}}", image_tag))
+    print(f"containerize took {time.monotonic() - started:.0f}s; image {size / 1e9:.2f} GB")
     yield image_tag, home, model_tag
     subprocess.run(["docker", "image", "rm", "-f", image_tag], capture_output=True)
     subprocess.run(["docker", "image", "prune", "-f"], capture_output=True)

@@ -1,7 +1,7 @@
 """The outermost layer of the HTTP app: body size, API key, and the 429 shape.
 
 BentoML puts user middlewares inside its own traffic limiter, so this wraps the
-whole app instead (`GuardedService.to_asgi`): it sees every request first and
+whole app instead (`TextgenService.to_asgi`): it sees every request first and
 every response last, including BentoML's `traffic.max_concurrency` 429s, to
 which it adds `Retry-After` and, on /v1, OpenAI's error shape.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-
-from _bentoml_sdk.service.factory import Service
 
 from textgen import metrics
 from textgen.api import RETRY_AFTER_SECONDS, error_response
@@ -31,6 +29,7 @@ REJECTION_CAUSES = {
     400: "invalid",
     401: "unauthorized",
     413: "body_too_large",
+    415: "unsupported_media_type",
     422: "invalid",
     429: "overloaded",
 }
@@ -60,6 +59,10 @@ class FrontDoor:
                 send,
             )
         if scope["method"] == "POST":
+            media_type = _media_type(scope)
+            if media_type not in ("", "application/json"):
+                message = f"Content-Type must be application/json, got {media_type!r}"
+                return await self._reject(415, message, scope, receive, send)
             body = await self._read_body(scope, receive)
             if body is None:
                 return await self._reject(
@@ -144,6 +147,11 @@ def _error(status: int, message: str, openai_route: bool) -> Any:
     return response
 
 
+def _media_type(scope: Scope) -> str:
+    header = dict(scope["headers"]).get(b"content-type", b"")
+    return header.decode("latin-1").split(";")[0].strip().lower()
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     """A receive that gives the buffered body once, then the client's own messages."""
     sent = False
@@ -156,10 +164,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replayed
-
-
-class GuardedService(Service):
-    """A BentoML service whose ASGI app is wrapped in the FrontDoor."""
-
-    def to_asgi(self, is_main: bool = True) -> Any:
-        return FrontDoor(super().to_asgi(is_main), Settings.from_env())

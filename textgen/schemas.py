@@ -13,6 +13,7 @@ from _bentoml_sdk import IODescriptor
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from textgen.openapi30 import OpenAPI30Schema
 from textgen.params import MAX_STOP_SEQUENCES, SamplingParams
 
 EXAMPLE_PROMPT = "Artificial Intelligence is a"
@@ -49,7 +50,7 @@ class ValueNamingModel(BaseModel):
             raise with_values(exc) from None
 
 
-class GenerateRequest(ValueNamingModel, IODescriptor):
+class GenerateRequest(OpenAPI30Schema, ValueNamingModel, IODescriptor):
     """Body of `POST /generate` and `POST /generate_stream`."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -84,12 +85,12 @@ class GenerateRequest(ValueNamingModel, IODescriptor):
         )
 
 
-class Usage(BaseModel):
+class Usage(OpenAPI30Schema, BaseModel):
     prompt_tokens: int
     completion_tokens: int
 
 
-class GenerateResponse(BaseModel):
+class GenerateResponse(OpenAPI30Schema, BaseModel):
     input: str = Field(description="The prompt, as sent.")
     generated: str = Field(description="The new text (prompt + new text with return_full_text).")
     finish_reason: str = Field(description="length | stop | eos")
@@ -97,12 +98,12 @@ class GenerateResponse(BaseModel):
     seed: int | None = Field(None, description="The seed used, when sampling.")
 
 
-class SeedRequest(ValueNamingModel, IODescriptor):
+class SeedRequest(OpenAPI30Schema, ValueNamingModel, IODescriptor):
     """The tutorial's body: `{"text": ...}`."""
 
     text: str = Field(min_length=1, examples=[EXAMPLE_PROMPT])
 
 
-class SeedResponse(BaseModel):
+class SeedResponse(OpenAPI30Schema, BaseModel):
     input: str
     generated: str
