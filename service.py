@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import bentoml
@@ -16,7 +15,6 @@ from textgen.store import model_info
 
 SETTINGS = Settings.from_env()
 openai_app = openai_api.build_app()
-logger = logging.getLogger("textgen")
 
 
 @bentoml.asgi_app(openai_app, path="/v1")

@@ -155,3 +155,45 @@ def test_param_errors_name_the_field_and_the_value():
         SamplingParams(top_p=1.5)
     with pytest.raises(ParamError, match="temperature must be > 0, got 0"):
         SamplingParams(temperature=0)
+
+
+def failing_engine(tiny_model, tokenizer, fail_on_call: int):
+    """An engine whose runner raises on the n-th decode call."""
+    eng = make_engine(tiny_model, tokenizer)
+    decode, calls = eng.runner.decode, [0]
+
+    def flaky(ids, positions):
+        calls[0] += 1
+        if calls[0] == fail_on_call:
+            raise RuntimeError("boom")
+        return decode(ids, positions)
+
+    eng.runner.decode = flaky
+    return eng
+
+
+def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(tiny_model, tokenizer):
+    eng = failing_engine(tiny_model, tokenizer, fail_on_call=2)
+    try:
+        tokens, final = run(collect(eng, PROMPTS[0], SamplingParams(max_new_tokens=10)))
+        # Token 1 comes from the prefill, token 2 from decode call 1; call 2 fails.
+        assert (len(tokens), final.status.finish_reason) == (2, "error")
+        assert final.error == "generation failed: boom"
+        tokens, final = run(collect(eng, PROMPTS[1], SamplingParams(max_new_tokens=10)))
+        assert (len(tokens), final.status.finish_reason) == (10, "length")
+    finally:
+        eng.shutdown()
+
+
+def test_frequency_and_presence_penalties_break_repetition(engine):
+    # The toy model repeats one token after "Hello" (greedy); penalties stop that.
+    plain, _ = run(collect(engine, PROMPTS[1], SamplingParams(max_new_tokens=12)))
+    ids = [t.token_id for t in plain]
+    assert max(ids.count(i) for i in ids) >= 5
+    for params in (
+        SamplingParams(max_new_tokens=12, frequency_penalty=2.0),
+        SamplingParams(max_new_tokens=12, presence_penalty=2.0),
+    ):
+        penalized, _ = run(collect(engine, PROMPTS[1], params))
+        ids = [t.token_id for t in penalized]
+        assert max(ids.count(i) for i in ids) < 5

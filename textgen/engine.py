@@ -30,7 +30,8 @@ from textgen.runner import GPT2Runner
 from textgen.sampling import choose_tokens
 from textgen.scheduler import Event, FinishEvent, QueueFull, Scheduler, Sequence, Status
 
-logger = logging.getLogger("textgen")
+# A child of BentoML's logger, so `bentoml serve` shows these lines in its own format.
+logger = logging.getLogger("bentoml.textgen")
 
 __all__ = ["Engine", "EngineOverloaded", "FinishEvent", "ParamError", "SamplingParams"]
 

@@ -11,15 +11,12 @@ Shapes: B sequences, T positions, C = n_embd, H heads of D = C / H, V vocab.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 CACHE_GROWTH = 128  # positions are allocated in multiples of this
 

@@ -1,0 +1,54 @@
+"""An error after a stream has started ends it with a final error event, on both APIs."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run
+from tests.test_engine import failing_engine
+from textgen import api
+from textgen.openai_api import CompletionRequest, _Completion, _stream
+from textgen.schemas import GenerateRequest
+
+
+def test_native_stream_ends_with_an_error_event(tiny_model, tokenizer):
+    eng = failing_engine(tiny_model, tokenizer, fail_on_call=3)
+
+    async def body() -> list[str]:
+        response = await api.generate_stream(eng, GenerateRequest(prompt="Hello", max_new_tokens=9))
+        return [chunk async for chunk in response.body_iterator]
+
+    try:
+        chunks = run(body())
+    finally:
+        eng.shutdown()
+    events = [json.loads(c.removeprefix("data: ")) for c in chunks]
+    assert [set(e) for e in events] == [{"token"}] * 3 + [{"error"}]
+    assert events[-1] == {"error": "generation failed: boom"}
+
+
+def test_openai_stream_ends_with_an_error_event_then_done(tiny_model, tokenizer):
+    eng = failing_engine(tiny_model, tokenizer, fail_on_call=3)
+
+    async def body() -> list[str]:
+        c = _Completion(CompletionRequest(prompt="Hello", max_tokens=9, temperature=0), eng)
+        events = eng.stream(c.seqs)
+        first = await anext(events)
+        return [chunk async for chunk in _stream(c, events, first)]
+
+    try:
+        chunks = run(body())
+    finally:
+        eng.shutdown()
+    assert chunks[-1] == "data: [DONE]\n\n"
+    error = json.loads(chunks[-2].removeprefix("data: "))
+    assert error == {
+        "error": {
+            "message": "generation failed: boom",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    texts = [json.loads(c.removeprefix("data: "))["choices"][0]["text"] for c in chunks[:-2]]
+    assert len(texts) == 3
