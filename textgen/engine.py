@@ -209,8 +209,12 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            if self.scheduler.wait_for_work(timeout=0.5):
+            if not self.scheduler.wait_for_work(timeout=0.5):
+                continue
+            try:
                 self.step()
+            except Exception:  # the loop must outlive any one step
+                logger.exception("engine step failed outside the forward pass")
 
     def step(self) -> None:
         """Retire, admit (prefill), decode one token per running sequence, deliver."""
