@@ -33,8 +33,6 @@ from textgen.scheduler import Event, FinishEvent, QueueFull, Scheduler, Sequence
 # A child of BentoML's logger, so `bentoml serve` shows these lines in its own format.
 logger = logging.getLogger("bentoml.textgen")
 
-__all__ = ["Engine", "EngineOverloaded", "FinishEvent", "ParamError", "SamplingParams"]
-
 
 class EngineOverloaded(Exception):
     """The admission queue is full; the client should retry later."""
@@ -70,32 +68,20 @@ class Engine:
         self.metrics = metrics.get()
         self._sinks: dict[int, _Sink] = {}  # request_id -> where its events go
         self._stopping = threading.Event()
-        # The engine thread builds the runner itself. Measured here (2-core CPU,
-        # bench/engine_bench.py, 32 streams): a runner built on the main thread and
-        # driven from this one decodes at 570 tok/s in bf16 and 860 in int8; built
-        # here, 760 and 1345. Elementwise ops are what slow down; the cause (thread-
-        # owned allocations or the OpenMP team) is not pinned down.
-        built: list[GPT2Runner | BaseException] = []
-        ready = threading.Event()
-
-        def build() -> None:
-            try:
-                int8 = settings.quantize == "int8"
-                built.append(
-                    GPT2Runner(model, device, dtype, settings.max_batch_size, quantize_int8=int8)
-                )
-            except BaseException as exc:
-                built.append(exc)
-            ready.set()
-            if isinstance(built[0], GPT2Runner):
-                self._loop()
-
-        self._thread = threading.Thread(target=build, name="textgen-engine", daemon=True)
+        # NOTE: the engine thread builds the runner itself. Measured here (2-core
+        # CPU, bench/engine_bench.py, 32 streams): a runner built on the main thread
+        # and driven from this one decodes at 570 tok/s in bf16 and 860 in int8;
+        # built on it, 760 and 1345. Elementwise ops are what slow down; the cause
+        # (thread-owned allocations or the OpenMP team) is not pinned down.
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(model, device, dtype), name="textgen-engine", daemon=True
+        )
         self._thread.start()
-        ready.wait()
-        if isinstance(built[0], BaseException):
-            raise built[0]
-        self.runner = built[0]
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
         logger.info(
             "engine ready: model=%s source=%s device=%s dtype=%s quantize=%s max_batch_size=%d%s",
             info.tag,
@@ -206,6 +192,20 @@ class Engine:
         self._thread.join(timeout=5)
 
     # -- the engine thread ------------------------------------------------------
+
+    def _run(self, model: Any, device: torch.device, dtype: torch.dtype) -> None:
+        """The engine thread: builds the runner, then steps until shutdown."""
+        try:
+            int8 = self.settings.quantize == "int8"
+            self.runner = GPT2Runner(
+                model, device, dtype, self.settings.max_batch_size, quantize_int8=int8
+            )
+        except BaseException as exc:
+            self._startup_error = exc
+            return
+        finally:
+            self._ready.set()
+        self._loop()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
