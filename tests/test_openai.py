@@ -148,6 +148,8 @@ def test_unknown_fields_are_ignored(client):
         ),
         ({"logprobs": 6}, "logprobs", "logprobs: Input should be less than or equal to 5, got 6"),
         ({"n": 9}, "n", "n must be <= 8, got 9"),
+        ({"max_tokens": 5000}, "max_tokens", "max_tokens must be <= 1024, got 5000"),
+        ({"stop": ["a", ""]}, "stop", "stop sequences must be non-empty, got ''"),
         ({"suffix": "end"}, "suffix", "suffix is not supported: GPT-2 cannot insert text"),
         ({"best_of": 2}, "best_of", "best_of must equal n (1) here, got 2"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "stop takes at most 4 sequences, got 5"),

@@ -37,11 +37,6 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 def prepare(engine: Engine, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
     """Sampling params and prompt ids, or ParamError naming what is wrong."""
     params = engine.with_seed(request.to_sampling_params())
-    if params.max_new_tokens > engine.settings.max_new_tokens_limit:
-        limit = engine.settings.max_new_tokens_limit
-        raise ParamError(
-            "max_new_tokens", f"max_new_tokens must be <= {limit}, got {params.max_new_tokens}"
-        )
     return engine.encode(request.prompt, params.max_new_tokens), params
 
 

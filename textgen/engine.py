@@ -110,12 +110,17 @@ class Engine:
         field: str = "prompt",
         budget_field: str = "max_new_tokens",
     ) -> list[int]:
-        """Tokenizes a prompt, checking the character limit and the context length.
+        """Tokenizes a prompt, checking the limits and that it fits the context.
 
         `field` and `budget_field` are the wire names of the prompt and of the
         new-token budget, so the message speaks the client's vocabulary.
         """
         check_unicode(prompt, field)
+        budget_limit = self.settings.max_new_tokens_limit
+        if max_new_tokens > budget_limit:
+            raise ParamError(
+                budget_field, f"{budget_field} must be <= {budget_limit}, got {max_new_tokens}"
+            )
         limit = self.settings.max_prompt_chars
         if len(prompt) > limit:
             raise ParamError(field, f"{field} has {len(prompt)} characters; the limit is {limit}")

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from textgen.api import until_disconnected
 from textgen.engine import Engine, EngineOverloaded
-from textgen.params import MAX_LOGPROBS, MAX_STOP_SEQUENCES, ParamError, SamplingParams
+from textgen.params import MAX_LOGPROBS, ParamError, SamplingParams
 from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
 
 FINISH_REASONS = {
@@ -166,16 +166,6 @@ def _check_limits(req: CompletionRequest, engine: Engine) -> None:
             f"prompt takes at most {s.max_prompts} strings, got {len(req.prompts)}",
         ),
         (req.n <= s.max_n, "n", f"n must be <= {s.max_n}, got {req.n}"),
-        (
-            req.max_tokens <= s.max_new_tokens_limit,
-            "max_tokens",
-            f"max_tokens must be <= {s.max_new_tokens_limit}, got {req.max_tokens}",
-        ),
-        (
-            len(req.stop_sequences) <= MAX_STOP_SEQUENCES,
-            "stop",
-            f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(req.stop_sequences)}",
-        ),
     ]
     for ok, param, message in checks:
         if not ok:
