@@ -191,7 +191,7 @@ class _Choice:
         if not with_logprobs:
             return None
         decode = engine.tokenizer.decode
-        offset = len(self.prefix) + sum(len(t) for t in self.tokens)
+        offset = self.text_offset[-1] + len(self.tokens[-1]) if self.tokens else len(self.prefix)
         token = decode([event.token_id])
         top = {decode([i]): lp for i, lp in event.top_logprobs}
         self.tokens.append(token)
