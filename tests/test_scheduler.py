@@ -116,6 +116,20 @@ def test_cancel_while_waiting_drops_without_running():
     assert admitted == [c] and dropped == [b] and b.status is Status.CANCELLED
 
 
+def test_a_prefill_takes_at_most_its_token_budget_of_padded_prompts():
+    s = Scheduler(max_batch_size=8, max_waiting=10, max_prefill_tokens=100)
+
+    def prompt(n: int) -> Sequence:
+        return Sequence([1] * n, SamplingParams(), Letters())
+
+    a, b, c, d = prompt(30), prompt(20), prompt(40), prompt(500)
+    s.submit([a, b, c, d])
+    assert s.admit()[0] == [a, b]  # with c: 3 rows x 40 tokens = 120 > 100
+    assert s.admit()[0] == [c]  # c alone; d would make 2 x 500
+    assert s.admit()[0] == [d]  # one prompt is admitted whatever its length
+    assert [q.row for q in s.running] == [0, 1, 2, 3]
+
+
 def test_submit_refuses_beyond_the_waiting_limit_all_or_nothing():
     s = Scheduler(max_batch_size=1, max_waiting=2)
     s.submit([seq(), seq(), seq()])  # one row free + two waiting

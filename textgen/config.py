@@ -38,6 +38,7 @@ class Settings:
     quantize: str = "none"  # none | int8 (dynamic int8 linear layers, CPU only)
     max_batch_size: int = 32  # sequences decoded together in one step
     max_waiting: int = 256  # sequences queued for a batch row before 429
+    max_prefill_tokens: int = 2048  # padded prompt tokens in one prefill step
     max_concurrency: int = 128  # requests in the server at once (BentoML's limiter), then 429
     max_prompt_chars: int = 16_384  # prompt length limit checked before tokenizing
     max_new_tokens_limit: int = 1024  # upper bound on max_new_tokens / max_tokens
@@ -58,6 +59,7 @@ class Settings:
             quantize=_env_choice("TEXTGEN_QUANTIZE", "none", ("none", "int8")),
             max_batch_size=max_batch_size,
             max_waiting=_env_int("TEXTGEN_MAX_WAITING", 256, 0),
+            max_prefill_tokens=_env_int("TEXTGEN_MAX_PREFILL_TOKENS", 2048, 1),
             # Four batches' worth: one running, the rest queued, each queued at
             # most three steps' worth of completions behind.
             max_concurrency=_env_int("TEXTGEN_MAX_CONCURRENCY", 4 * max_batch_size, 1),

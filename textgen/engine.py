@@ -64,7 +64,9 @@ class Engine:
         self.eos_token_id: int | None = model.config.eos_token_id
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        self.scheduler = Scheduler(settings.max_batch_size, settings.max_waiting)
+        self.scheduler = Scheduler(
+            settings.max_batch_size, settings.max_waiting, settings.max_prefill_tokens
+        )
         self.metrics = metrics.get()
         self._sinks: dict[int, _Sink] = {}  # request_id -> where its events go
         self._stopping = threading.Event()

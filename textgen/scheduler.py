@@ -147,9 +147,14 @@ class Scheduler:
     the engine's thread.
     """
 
-    def __init__(self, max_batch_size: int, max_waiting: int) -> None:
+    def __init__(
+        self, max_batch_size: int, max_waiting: int, max_prefill_tokens: int = 2048
+    ) -> None:
         self.max_batch_size = max_batch_size  # rows in the running batch
         self.max_waiting = max_waiting  # queued sequences beyond which submit refuses
+        # Padded prompt tokens one prefill may take (rows x longest prompt); a
+        # larger prefill would stall every running stream for that long.
+        self.max_prefill_tokens = max_prefill_tokens
         self.running: list[Sequence] = []  # running[i].row == i
         self._waiting: deque[Sequence] = deque()
         self._lock = threading.Lock()
@@ -184,24 +189,31 @@ class Scheduler:
             return bool(self.running or self._waiting)
 
     def admit(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Moves waiting sequences into free rows.
+        """Moves waiting sequences, in arrival order, into free rows.
 
+        Admits while rows are free and the prefill stays within
+        `max_prefill_tokens` (always at least one, however long its prompt).
         Returns the admitted ones (they need a prefill) and the ones cancelled
         while they waited (finished without running).
         """
         admitted: list[Sequence] = []
-        dropped: list[Sequence] = []
         with self._lock:
+            dropped = [seq for seq in self._waiting if seq.cancel_requested]
+            if dropped:
+                self._waiting = deque(s for s in self._waiting if not s.cancel_requested)
+            longest = 0
             while self._waiting and len(self.running) < self.max_batch_size:
-                seq = self._waiting.popleft()
-                if seq.cancel_requested:
-                    seq.finish(Status.CANCELLED)
-                    dropped.append(seq)
-                    continue
+                seq = self._waiting[0]
+                longest = max(longest, len(seq.prompt_ids))
+                if admitted and (len(admitted) + 1) * longest > self.max_prefill_tokens:
+                    break
+                self._waiting.popleft()
                 seq.status = Status.RUNNING
                 seq.row = len(self.running)
                 self.running.append(seq)
                 admitted.append(seq)
+        for seq in dropped:
+            seq.finish(Status.CANCELLED)
         return admitted, dropped
 
     def retire(self) -> tuple[list[Sequence], list[tuple[int, int]]]:
