@@ -180,3 +180,24 @@ def test_unknown_model_raises_not_found(client):
 def test_streaming_error_before_start_is_a_status_code(client):
     with pytest.raises(openai.BadRequestError):
         list(greedy(client, max_tokens=0, stream=True))
+
+
+def test_streamed_choices_of_several_prompts_join_per_index(client):
+    kw = {
+        "model": "gpt2",
+        "prompt": ["One", "Two words"],
+        "n": 2,
+        "max_tokens": 6,
+        "temperature": 0.9,
+        "seed": 5,
+    }
+    whole = client.completions.create(**kw)
+    texts: dict[int, str] = {}
+    finishes: dict[int, list[str]] = {}
+    for chunk in client.completions.create(**kw, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finishes.setdefault(choice.index, []).append(choice.finish_reason)
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert finishes == {i: ["length"] for i in range(4)}
