@@ -16,7 +16,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 
 
 @dataclass(frozen=True)
 class Metrics:
-    requests: Any  # Counter{route, finish_reason}: answered generation requests
+    requests: Any  # Counter{route, finish_reason}: finished sequences (one per /v1 choice)
     prompt_tokens: Any  # Counter: prompt tokens prefilled
     generated_tokens: Any  # Counter: tokens generated
     time_to_first_token: Any  # Histogram: submission -> first token, seconds
@@ -33,7 +33,7 @@ def get() -> Metrics:
     return Metrics(
         requests=prom.Counter(
             "textgen_requests",
-            "Generation requests answered, by route and finish reason",
+            "Finished generations (one per request; one per choice on /v1), by route and reason",
             ["route", "finish_reason"],
         ),
         prompt_tokens=prom.Counter("textgen_prompt_tokens", "Prompt tokens prefilled"),
