@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _bentoml_sdk.service.factory import Service
+from bentoml import Service
 from bentoml._internal.service.openapi.specification import Schema
 
 from textgen.config import Settings

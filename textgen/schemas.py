@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _bentoml_sdk import IODescriptor
+from bentoml import IODescriptor
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
