@@ -40,7 +40,9 @@ def is_generation_route(path: str) -> bool:
 
 
 class FrontDoor:
-    def __init__(self, app: ASGIApp, settings: Settings, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(
+        self, app: ASGIApp, settings: Settings, max_body_bytes: int = MAX_BODY_BYTES
+    ) -> None:
         self.app = app
         self.api_key = settings.api_key
         self.max_body_bytes = max_body_bytes
