@@ -32,9 +32,7 @@ def test_openai_stream_ends_with_an_error_event_then_done(tiny_model, tokenizer)
 
     async def body() -> list[str]:
         c = _Completion(CompletionRequest(prompt="Hello", max_tokens=9, temperature=0), eng)
-        events = eng.stream(c.seqs)
-        first = await anext(events)
-        return [chunk async for chunk in _stream(c, events, first)]
+        return [chunk async for chunk in _stream(c, eng.stream(c.seqs))]
 
     try:
         chunks = run(body())

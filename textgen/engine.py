@@ -14,7 +14,6 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -139,31 +138,24 @@ class Engine:
         return ids
 
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """One request's sequence; sampling without a seed gets a random one (`seq.params.seed`
+        reports it back to the client)."""
         generator = None
         if params.do_sample:
+            if params.seed is None:
+                params = replace(params, seed=random.randrange(2**31))
             generator = torch.Generator(device=self.runner.device)
             generator.manual_seed(params.seed)
         return Sequence(prompt_ids, params, self.tokenizer, generator)
 
-    @staticmethod
-    def with_seed(params: SamplingParams) -> SamplingParams:
-        """Sampling without a seed gets a random one, reported back to the client."""
-        if params.do_sample and params.seed is None:
-            return replace(params, seed=random.randrange(2**31))
-        return params
+    def stream(self, seqs: list[Sequence], route: str = "engine") -> EventStream:
+        """Submits sequences together, now (EngineOverloaded when the queue is full).
 
-    async def stream(
-        self, seqs: list[Sequence], route: str = "engine"
-    ) -> AsyncIterator[tuple[int, Event]]:
-        """Submits sequences together; yields (index, event) until all have finished.
-
-        Leaving the iteration early (client gone, task cancelled) cancels every
-        sequence still running; their rows free at the next step. `route` labels
-        the requests metric, counted by the engine when each sequence finishes.
+        `route` labels the requests metric, counted by the engine when each
+        sequence finishes.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        index = {seq.request_id: i for i, seq in enumerate(seqs)}
         for seq in seqs:
             self._sinks[seq.request_id] = _Sink(loop, queue, route)
         try:
@@ -172,17 +164,7 @@ class Engine:
             for seq in seqs:
                 del self._sinks[seq.request_id]
             raise EngineOverloaded(str(exc)) from None
-        pending = len(seqs)
-        try:
-            while pending:
-                request_id, event = await queue.get()
-                if isinstance(event, FinishEvent):
-                    pending -= 1
-                yield index[request_id], event
-        finally:
-            for seq in seqs:
-                if not seq.status.finished:
-                    self.scheduler.cancel(seq)
+        return EventStream(self.scheduler, seqs, queue)
 
     def warm_up(self) -> None:
         """One short generation through every code path before the service says ready."""
@@ -283,6 +265,39 @@ class Engine:
         for loop, batch in batches.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: its clients are gone
                 loop.call_soon_threadsafe(_put_all, batch)
+
+
+class EventStream:
+    """The events of submitted sequences, as (index in `seqs`, event), until all finish.
+
+    Closing it early (client gone, task cancelled) cancels every sequence still
+    running; their rows free at the next step.
+    """
+
+    def __init__(
+        self, scheduler: Scheduler, seqs: list[Sequence], queue: asyncio.Queue[tuple[int, Event]]
+    ) -> None:
+        self._scheduler = scheduler
+        self._seqs = seqs
+        self._queue = queue
+        self._index = {seq.request_id: i for i, seq in enumerate(seqs)}
+        self._pending = len(seqs)  # sequences whose FinishEvent has not come yet
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, Event]:
+        if not self._pending:
+            raise StopAsyncIteration
+        request_id, event = await self._queue.get()
+        if isinstance(event, FinishEvent):
+            self._pending -= 1
+        return self._index[request_id], event
+
+    async def aclose(self) -> None:
+        for seq in self._seqs:
+            if not seq.status.finished:
+                self._scheduler.cancel(seq)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, int, Event]]) -> None:

@@ -12,7 +12,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from textgen.api import until_disconnected
-from textgen.engine import Engine, EngineOverloaded
+from textgen.api import sse, until_disconnected
+from textgen.engine import Engine, EngineOverloaded, EventStream
 from textgen.params import MAX_LOGPROBS, ParamError, SamplingParams
 from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
 
@@ -226,8 +225,7 @@ class _Completion:
         for prompt in req.prompts:
             ids = engine.encode(prompt, req.max_tokens, budget_field="max_tokens")
             for j in range(req.n):
-                params = engine.with_seed(req.to_sampling_params(j))
-                self.seqs.append(engine.new_sequence(ids, params))
+                self.seqs.append(engine.new_sequence(ids, req.to_sampling_params(j)))
                 self.choices.append(_Choice(len(self.choices), prompt if req.echo else ""))
 
     def usage(self) -> dict[str, int]:
@@ -258,14 +256,13 @@ class _Completion:
         return self.choices[i].finish_reason
 
 
-async def _complete(c: _Completion) -> dict[str, Any]:
+async def _complete(c: _Completion, events: EventStream) -> dict[str, Any]:
     with_logprobs = c.req.logprobs is not None
-    async with aclosing(c.engine.stream(c.seqs, "/v1/completions")) as events:
-        async for i, event in events:
-            if isinstance(event, TokenEvent):
-                c.choices[i].add(event, c.engine, with_logprobs)
-            else:
-                c.finish(i, event)
+    async for i, event in events:
+        if isinstance(event, TokenEvent):
+            c.choices[i].add(event, c.engine, with_logprobs)
+        else:
+            c.finish(i, event)
     choices = [
         {
             "index": ch.index,
@@ -278,19 +275,11 @@ async def _complete(c: _Completion) -> dict[str, Any]:
     return c.chunk(choices, usage=c.usage())
 
 
-async def _stream(
-    c: _Completion, events: AsyncGenerator[tuple[int, Any], None], first: tuple[int, Any]
-) -> AsyncGenerator[str, None]:
+async def _stream(c: _Completion, events: EventStream) -> AsyncGenerator[str, None]:
     with_logprobs = c.req.logprobs is not None
     echoed: set[int] = set()
-    pending: tuple[int, Any] | None = first
     try:
-        while True:
-            try:
-                i, event = pending if pending is not None else await anext(events)
-            except StopAsyncIteration:
-                break
-            pending = None
+        async for i, event in events:
             choice: dict[str, Any] = {
                 "index": i,
                 "text": "",
@@ -307,20 +296,16 @@ async def _stream(
                     continue
             else:
                 choice["finish_reason"] = c.finish(i, event)
-            yield _sse(c.chunk([choice]))
+            yield sse(c.chunk([choice]))
         if c.req.stream_options is not None and c.req.stream_options.include_usage:
-            yield _sse(c.chunk([], usage=c.usage()))
+            yield sse(c.chunk([], usage=c.usage()))
     except OpenAIError as exc:
-        yield _sse(exc.body())
+        yield sse(exc.body())
     except Exception as exc:  # after the stream started: a final error event, then [DONE]
-        yield _sse(OpenAIError(500, f"generation failed: {exc}", type_="server_error").body())
+        yield sse(OpenAIError(500, f"generation failed: {exc}", type_="server_error").body())
     finally:
         await events.aclose()
     yield "data: [DONE]\n\n"
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 async def completions(request: Request) -> Response:
@@ -328,12 +313,14 @@ async def completions(request: Request) -> Response:
     try:
         req = parse_request(await request.body(), engine)
         c = _Completion(req, engine)
-        if not req.stream:
-            body = await until_disconnected(request, _complete(c))
-            return JSONResponse(body) if body is not None else Response(status_code=499)
         events = c.engine.stream(c.seqs, "/v1/completions")
-        first = await anext(events)  # overload surfaces as 429 before the stream starts
-        return StreamingResponse(_stream(c, events, first), media_type="text/event-stream")
+        if req.stream:
+            return StreamingResponse(_stream(c, events), media_type="text/event-stream")
+        try:
+            body = await until_disconnected(request, _complete(c, events))
+        finally:
+            await events.aclose()  # cancels the sequences that did not finish
+        return JSONResponse(body) if body is not None else Response(status_code=499)
     except OpenAIError as exc:
         return exc.response()
     except ParamError as exc:

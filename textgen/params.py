@@ -111,6 +111,11 @@ class SamplingParams:
         )
 
     @property
+    def sampling_seed(self) -> int | None:
+        """The seed that shaped the text: None for greedy decoding."""
+        return self.seed if self.do_sample else None
+
+    @property
     def penalized(self) -> bool:
         """Whether the logits depend on the tokens seen so far."""
         return (
