@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,19 +153,24 @@ def start_server(home: Path, tag: str, log: Path, **env: str) -> Server:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited {proc.returncode}:\n{log.read_text()}")
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    if not wait_ready(server.url, 120, exited=lambda: proc.poll() is not None):
+        stop_server(server)
+        raise RuntimeError(f"bentoml serve was not ready in 120 s:\n{log.read_text()}")
+    return server
+
+
+def wait_ready(url: str, timeout_s: float, exited: Callable[[], bool]) -> bool:
+    """Polls `url`/readyz until it answers 200 (True), the server exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not exited():
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return Server(url, proc, log)
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    stop_server(Server(url, proc, log))
-    raise RuntimeError(f"bentoml serve was not ready in 120 s:\n{log.read_text()}")
+    return False
 
 
 def stop_server(server: Server) -> int:

@@ -19,7 +19,14 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, free_port, hf_greedy, import_tiny, load_stored_model
+from tests.conftest import (
+    ROOT,
+    free_port,
+    hf_greedy,
+    import_tiny,
+    load_stored_model,
+    wait_ready,
+)
 
 PROMPT = "Artificial Intelligence is a"
 pytestmark = pytest.mark.timeout(2400)
@@ -87,19 +94,16 @@ def container(image):
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     try:
-        while time.monotonic() - started < 180:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
+        if not wait_ready(url, 180, exited=lambda: _exited(cid)):
             raise AssertionError(sh("docker", "logs", cid)[-4000:])
         print(f"container ready {time.monotonic() - started:.1f}s after start")
         yield cid, url
     finally:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+
+
+def _exited(cid: str) -> bool:
+    return sh("docker", "inspect", "-f", "{{.State.Running}}", cid).strip() != "true"
 
 
 def test_image_serves_generate_and_openai_as_non_root(image, container, tokenizer):
