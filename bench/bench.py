@@ -1,13 +1,15 @@
 """Throughput and latency of this service against the seed-style baseline, in one run.
 
-    python bench/bench.py [--concurrency 1 8 16 32] [--new-tokens 64]
+    python bench/bench.py [--concurrency 1 8 32] [--workloads greedy sampled long]
 
 Builds GPT-2 124M with seeded random weights and the real tokenizer into one
 model directory, imports it into a temporary model store, and serves it three
 ways: this service in bfloat16, this service with dynamic int8, and the seed's
-Flask + pipeline service. Every request generates exactly --new-tokens tokens
-(min_new_tokens = max_new_tokens). Prints a markdown table, writes
-bench/RESULTS.md, bench/results.json and the plot bench/throughput.png.
+Flask + pipeline service (greedy only). Workloads: `greedy` (64 new tokens),
+`sampled` (64, temperature 0.8, top_p 0.9, top_k 50) and `long` (512, greedy).
+Every request generates exactly its new tokens (min_new_tokens =
+max_new_tokens). Prints a markdown table, writes bench/RESULTS.md,
+bench/results.json and the plot bench/throughput.png.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -32,9 +35,27 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a remote"
 
 
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    new_tokens: int
+    sampling: dict[str, Any]  # extra /generate_stream fields
+    requests: int  # per concurrency level, at least one per client
+
+
+WORKLOADS = {
+    "greedy": Workload("greedy", 64, {}, 32),
+    "sampled": Workload(
+        "sampled", 64, {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 50}, 32
+    ),
+    "long": Workload("long", 512, {}, 1),
+}
+
+
 @dataclass
 class Level:
     system: str
+    workload: str
     concurrency: int
     requests: int
     tokens_per_s: float
@@ -55,16 +76,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def one_request(client: httpx.AsyncClient, target: Target, n: int) -> tuple[float, float]:
+async def one_request(
+    client: httpx.AsyncClient, target: Target, work: Workload
+) -> tuple[float, float]:
     """(time to first token, latency) of one request, in seconds."""
     started = time.perf_counter()
+    n = work.new_tokens
     if not target.streaming:
         body = {"text": PROMPT, "max_new_tokens": n, "min_new_tokens": n}
         r = await client.post(f"{target.url}/text-generation/generate", json=body)
         r.raise_for_status()
         latency = time.perf_counter() - started
         return latency, latency
-    body = {"prompt": PROMPT, "max_new_tokens": n, "min_new_tokens": n}
+    body = {"prompt": PROMPT, "max_new_tokens": n, "min_new_tokens": n, **work.sampling}
     first = None
     tokens = 0
     async with client.stream("POST", f"{target.url}/generate_stream", json=body) as r:
@@ -77,12 +101,12 @@ async def one_request(client: httpx.AsyncClient, target: Target, n: int) -> tupl
     return first or 0.0, time.perf_counter() - started
 
 
-async def run_level(target: Target, concurrency: int, n: int, rounds: int) -> Level:
+async def run_level(target: Target, concurrency: int, work: Workload, rounds: int) -> Level:
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=900, limits=limits) as client:
 
         async def worker() -> list[tuple[float, float]]:
-            return [await one_request(client, target, n) for _ in range(rounds)]
+            return [await one_request(client, target, work) for _ in range(rounds)]
 
         started = time.perf_counter()
         results = [
@@ -92,9 +116,10 @@ async def run_level(target: Target, concurrency: int, n: int, rounds: int) -> Le
     ttfts, latencies = [r[0] for r in results], [r[1] for r in results]
     return Level(
         system=target.name,
+        workload=work.name,
         concurrency=concurrency,
         requests=len(results),
-        tokens_per_s=len(results) * n / wall,
+        tokens_per_s=len(results) * work.new_tokens / wall,
         ttft_p50_s=statistics.median(ttfts),
         latency_p50_s=statistics.median(latencies),
         latency_p99_s=percentile(latencies, 0.99),
@@ -163,6 +188,7 @@ def bench_system(
     work: Path,
     args: argparse.Namespace,
     streaming: bool,
+    workloads: list[Workload],
 ) -> list[Level]:
     log = work / f"{name.replace(' ', '_')}.log"
     started = time.perf_counter()
@@ -171,16 +197,17 @@ def bench_system(
     target = Target(name, f"http://127.0.0.1:{port}", streaming)
     levels = []
     try:
-        asyncio.run(run_level(target, 2, 8, 1))  # warm-up
-        for c in args.concurrency:
-            rounds = 1 if not streaming else max(1, args.requests // c)
-            level = asyncio.run(run_level(target, c, args.new_tokens, rounds))
-            print(
-                f"  {c:>3} clients: {level.tokens_per_s:7.1f} tok/s, "
-                f"p50 {level.latency_p50_s:.2f}s",
-                flush=True,
-            )
-            levels.append(level)
+        asyncio.run(run_level(target, 2, Workload("warm-up", 8, {}, 2), 1))
+        for work in workloads:
+            for c in args.concurrency:
+                rounds = 1 if not streaming else max(1, work.requests // c)
+                level = asyncio.run(run_level(target, c, work, rounds))
+                print(
+                    f"  {work.name:>7} {c:>3} clients: {level.tokens_per_s:7.1f} tok/s, "
+                    f"p50 {level.latency_p50_s:.2f}s",
+                    flush=True,
+                )
+                levels.append(level)
     finally:
         stop(proc)
     return levels
@@ -188,11 +215,13 @@ def bench_system(
 
 def table(levels: list[Level]) -> str:
     rows = [
-        "| system | clients | output tok/s | TTFT p50 (s) | latency p50 (s) | latency p99 (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| system | workload | clients | output tok/s | TTFT p50 (s) | latency p50 (s) "
+        "| latency p99 (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     rows += [
-        f"| {lv.system} | {lv.concurrency} | {lv.tokens_per_s:.1f} | {lv.ttft_p50_s:.2f} | "
+        f"| {lv.system} | {lv.workload} | {lv.concurrency} | {lv.tokens_per_s:.1f} | "
+        f"{lv.ttft_p50_s:.2f} | "
         f"{lv.latency_p50_s:.2f} | {lv.latency_p99_s:.2f} |"
         for lv in levels
     ]
@@ -205,27 +234,33 @@ def plot(levels: list[Level], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for system in dict.fromkeys(lv.system for lv in levels):
-        pts = [lv for lv in levels if lv.system == system]
-        ax.plot(
-            [p.concurrency for p in pts], [p.tokens_per_s for p in pts], marker="o", label=system
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("output tokens / s (all clients)")
-    ax.set_title("GPT-2 124M (random weights), 2 CPU cores, 64 new tokens per request")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    workloads = list(dict.fromkeys(lv.workload for lv in levels))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.5), squeeze=False)
+    for ax, work in zip(axes[0], workloads, strict=True):
+        for system in dict.fromkeys(lv.system for lv in levels):
+            pts = [lv for lv in levels if lv.system == system and lv.workload == work]
+            if pts:
+                ax.plot(
+                    [p.concurrency for p in pts],
+                    [p.tokens_per_s for p in pts],
+                    marker="o",
+                    label=system,
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("output tokens / s (all clients)")
+        ax.set_title(f"{work}: {WORKLOADS[work].new_tokens} new tokens per request")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("GPT-2 124M (random weights), 2 CPU cores, through HTTP")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=64, help="requests per level (ours)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
     levels: list[Level] = []
@@ -241,12 +276,26 @@ def main() -> None:
         for i, (name, env) in enumerate(systems):
             port = 3901 + i
             levels += bench_system(
-                name, [*serve, str(port)], {**base_env, **env}, port, work, args, streaming=True
+                name,
+                [*serve, str(port)],
+                {**base_env, **env},
+                port,
+                work,
+                args,
+                streaming=True,
+                workloads=[WORKLOADS[w] for w in args.workloads],
             )
         if not args.skip_baseline:
             cmd = [sys.executable, "bench/seed_baseline.py", str(model_dir), "3909"]
             levels += bench_system(
-                "seed baseline (Flask + pipeline)", cmd, {}, 3909, work, args, streaming=False
+                "seed baseline (Flask + pipeline)",
+                cmd,
+                {},
+                3909,
+                work,
+                args,
+                streaming=False,
+                workloads=[WORKLOADS["greedy"]],
             )
     md = table(levels)
     print(md)
