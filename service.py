@@ -36,6 +36,14 @@ class TextGeneration:
         openai_app.state.engine = self.engine
         self.engine.warm_up()
 
+    async def __is_ready__(self) -> bool:
+        """/readyz: 503 while the engine is dead or wedged (`Engine.health` says why)."""
+        return self.engine.health() is None
+
+    async def __is_alive__(self) -> bool:
+        """/livez: the same, so an orchestrator restarts a process whose engine is gone."""
+        return self.engine.health() is None
+
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
     async def generate(self, ctx: bentoml.Context, **body: Any) -> GenerateResponse:
         """Continue the prompt; the new text comes back in one response."""

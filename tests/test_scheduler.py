@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from textgen.params import SamplingParams
-from textgen.scheduler import FinishEvent, QueueFull, Scheduler, Sequence, Status, TokenEvent
+from textgen.scheduler import (
+    Closed,
+    FinishEvent,
+    QueueFull,
+    Scheduler,
+    Sequence,
+    Status,
+    TokenEvent,
+)
 
 EOS = 0
 
@@ -27,17 +35,17 @@ def step(s: Scheduler, scripted: dict[Sequence, int]) -> None:
         q.append_token(scripted[q], EOS)
 
 
-def test_admit_fills_free_rows_in_order_and_keeps_the_rest_waiting():
+def test_admit_fills_free_slots_in_order_and_keeps_the_rest_waiting():
     s = Scheduler(max_batch_size=2, max_waiting=10)
     a, b, c = seq(), seq(), seq()
     s.submit([a, b, c])
     admitted, dropped = s.admit()
     assert admitted == [a, b] and dropped == []
-    assert [q.row for q in s.running] == [0, 1]
+    assert [q.slot for q in s.running] == [0, 1]
     assert c.status is Status.WAITING and s.num_waiting == 1
 
 
-def test_a_finished_row_is_refilled_at_the_next_step_and_rows_stay_dense():
+def test_a_finished_sequence_frees_its_slot_and_no_other_slot_moves():
     s = Scheduler(max_batch_size=3, max_waiting=10)
     a, b, c, d = seq(max_new_tokens=1), seq(), seq(), seq()
     s.submit([a, b, c])
@@ -45,27 +53,54 @@ def test_a_finished_row_is_refilled_at_the_next_step_and_rows_stay_dense():
     step(s, {a: 5, b: 5, c: 5})
     assert a.status is Status.FINISHED_LENGTH
     s.submit([d])
-    done, moves = s.retire()
-    assert done == [a] and moves == [(2, 0)]  # the last row moves into the freed one
-    assert s.running == [c, b] and (c.row, b.row) == (0, 1)
+    done = s.retire()
+    assert done == [a] and a.slot == -1
+    assert s.running == [b, c] and (b.slot, c.slot) == (1, 2)  # nobody moved
     admitted, _ = s.admit()
-    assert admitted == [d] and d.row == 2
+    assert admitted == [d] and d.slot == 0  # the freed slot is reused
 
 
-def test_retire_moves_are_valid_when_several_rows_finish():
+def test_slots_are_unique_and_the_lowest_free_one_is_taken_first():
     s = Scheduler(max_batch_size=5, max_waiting=10)
     seqs = [seq() for _ in range(5)]
     s.submit(seqs)
     s.admit()
-    for i in (0, 3, 4):
+    for i in (3, 0, 4):
         seqs[i].finish(Status.FINISHED_EOS)
-    rows = {q: q.row for q in seqs}  # row -> the sequence whose cache is in it
-    cache = {row: q for q, row in rows.items()}
-    _, moves = s.retire()
-    for src, dst in moves:
-        cache[dst] = cache[src]
-    assert [cache[i] for i in range(len(s.running))] == s.running
-    assert all(q.row == i for i, q in enumerate(s.running))
+    s.retire()
+    assert [q.slot for q in s.running] == [1, 2]
+    late = [seq() for _ in range(3)]
+    s.submit(late)
+    s.admit()
+    assert [q.slot for q in late] == [0, 3, 4]
+    slots = [q.slot for q in s.running]
+    assert sorted(slots) == list(range(5))
+
+
+def test_a_failed_step_leaves_an_empty_batch_with_every_slot_free():
+    s = Scheduler(max_batch_size=3, max_waiting=10)
+    a, b, c = seq(), seq(), seq()
+    s.submit([a, b, c])
+    s.admit()
+    s.submit([seq()])
+    failed = s.fail_running("generation failed: boom")
+    assert failed == [a, b, c] and s.running == []
+    assert all(q.status is Status.FAILED and q.slot == -1 for q in failed)
+    assert a.events[-1].error == "generation failed: boom"
+    admitted, _ = s.admit()
+    assert [q.slot for q in admitted] == [0]  # the waiting one goes on, from slot 0
+
+
+def test_a_closed_scheduler_fails_what_it_holds_and_refuses_new_work():
+    s = Scheduler(max_batch_size=1, max_waiting=10)
+    a, b = seq(), seq()
+    s.submit([a, b])
+    s.admit()
+    failed = s.close("the engine has shut down")
+    assert failed == [a, b] and not s.has_work
+    assert [q.events[-1].error for q in failed] == ["the engine has shut down"] * 2
+    with pytest.raises(Closed, match="the engine has shut down"):
+        s.submit([seq()])
 
 
 @pytest.mark.parametrize(
@@ -98,8 +133,8 @@ def test_cancel_while_running_retires_at_the_next_step():
     s.admit()
     step(s, {a: 1, b: 1})
     s.cancel(a)
-    done, moves = s.retire()
-    assert done == [a] and a.status is Status.CANCELLED and moves == [(1, 0)]
+    done = s.retire()
+    assert done == [a] and a.status is Status.CANCELLED and b.slot == 1
     assert a.events[-1].status.finish_reason == "cancelled"
     assert s.running == [b]
 
@@ -127,7 +162,7 @@ def test_a_prefill_takes_at_most_its_token_budget_of_padded_prompts():
     assert s.admit()[0] == [a, b]  # with c: 3 rows x 40 tokens = 120 > 100
     assert s.admit()[0] == [c]  # c alone; d would make 2 x 500
     assert s.admit()[0] == [d]  # one prompt is admitted whatever its length
-    assert [q.row for q in s.running] == [0, 1, 2, 3]
+    assert [q.slot for q in s.running] == [0, 1, 2, 3]
 
 
 def test_submit_refuses_beyond_the_waiting_limit_all_or_nothing():

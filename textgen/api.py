@@ -15,7 +15,7 @@ from bentoml import Context
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from textgen.engine import Engine, EngineOverloaded, EventStream
+from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
 from textgen.params import ParamError
 from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
 from textgen.schemas import GenerateRequest, GenerateResponse, Usage
@@ -74,6 +74,8 @@ async def generate(
         return error(400, str(exc), exc.param)
     except EngineOverloaded as exc:
         return error(429, f"server is at capacity: {exc}; retry later")
+    except EngineUnavailable as exc:
+        return error(503, f"the engine is unavailable: {exc}")
     try:
         final = await until_disconnected(ctx.request, _final_event(events))
     finally:
@@ -112,6 +114,8 @@ async def generate_stream(engine: Engine, request: GenerateRequest) -> Any:
         return error_response(400, str(exc), exc.param)
     except EngineOverloaded as exc:
         return error_response(429, f"server is at capacity: {exc}; retry later")
+    except EngineUnavailable as exc:
+        return error_response(503, f"the engine is unavailable: {exc}")
     return StreamingResponse(_sse_events(events, request, seq), media_type="text/event-stream")
 
 

@@ -23,6 +23,19 @@ def _env_int(name: str, default: int, minimum: int) -> int:
     return value
 
 
+def _env_float(name: str, default: float, above: float, at_most: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not above < value <= at_most:
+        raise ConfigError(f"{name} must be in ({above:g}, {at_most:g}], got {value:g}")
+    return value
+
+
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = os.environ.get(name, "").strip().lower() or default
     if value not in choices:
@@ -36,7 +49,10 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantize: str = "none"  # none | int8 (dynamic int8 linear layers, CPU only)
-    max_batch_size: int = 32  # sequences decoded together in one step
+    max_batch_size: int = 32  # sequences decoded together in one step (KV cache slots)
+    max_model_len: int = 0  # positions per sequence (prompt + new tokens); 0: the model's
+    memory_utilization: float = 0.9  # share of the memory left after the weights for the cache
+    engine_stall_seconds: float = 60.0  # work waiting this long without a step: unhealthy
     max_waiting: int = 256  # sequences queued for a batch row before 429
     max_prefill_tokens: int = 2048  # padded prompt tokens in one prefill step
     max_concurrency: int = 128  # requests in the server at once (BentoML's limiter), then 429
@@ -58,6 +74,9 @@ class Settings:
             dtype=_env_choice("TEXTGEN_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
             quantize=_env_choice("TEXTGEN_QUANTIZE", "none", ("none", "int8")),
             max_batch_size=max_batch_size,
+            max_model_len=_env_int("TEXTGEN_MAX_MODEL_LEN", 0, 0),
+            memory_utilization=_env_float("TEXTGEN_MEMORY_UTILIZATION", 0.9, 0.0, 1.0),
+            engine_stall_seconds=_env_float("TEXTGEN_ENGINE_STALL_SECONDS", 60.0, 0.0, 1e9),
             max_waiting=_env_int("TEXTGEN_MAX_WAITING", 256, 0),
             max_prefill_tokens=_env_int("TEXTGEN_MAX_PREFILL_TOKENS", 2048, 1),
             # Four batches' worth: one running, the rest queued, each queued at

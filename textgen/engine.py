@@ -1,9 +1,17 @@
-"""The generation engine: one scheduler, one runner, one background thread.
+"""The generation engine: one scheduler, one runner, one sampler, one background thread.
 
 Request handlers (asyncio, in BentoML's worker) submit sequences and read their
 events; the engine thread loops `step()`: retire finished sequences, admit
 waiting ones (prefilled together), decode one token for every running
-sequence, then hand each step's events to the event loop in one call.
+sequence, then hand the step's events to the event loops.
+
+NOTE (failure): a step either completes for every sequence or fails every
+running one. A failed step delivers an error event to each running sequence,
+frees every slot and goes on from that empty batch; after
+MAX_CONSECUTIVE_FAILURES in a row, or if the thread itself ends, the engine is
+dead: everything it holds fails, new requests are refused (EngineUnavailable)
+and `health()` says why. A single row's trouble (non-finite logits) fails that
+row alone.
 """
 
 from __future__ import annotations
@@ -26,15 +34,36 @@ from textgen.config import Settings
 from textgen.devices import resolve_device, resolve_dtype
 from textgen.params import ParamError, SamplingParams, check_unicode
 from textgen.runner import GPT2Runner
-from textgen.sampling import choose_tokens
-from textgen.scheduler import Event, FinishEvent, QueueFull, Scheduler, Sequence, Status
+from textgen.sampling import INVALID, Sampler
+from textgen.scheduler import (
+    Closed,
+    Event,
+    FinishEvent,
+    QueueFull,
+    Scheduler,
+    Sequence,
+    Status,
+)
 
 # A child of BentoML's logger, so `bentoml serve` shows these lines in its own format.
 logger = logging.getLogger("bentoml.textgen")
 
 
+MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row after which the engine is dead
+WARM_UP_POSITIONS = 160  # the warm-up's long sequence crosses 128 positions
+NON_FINITE_LOGITS = "generation failed: the model's logits for this sequence are not finite"
+
+
 class EngineOverloaded(Exception):
     """The admission queue is full; the client should retry later."""
+
+
+class EngineUnavailable(Exception):
+    """The engine is dead or wedged (the message says which); the service is unavailable."""
+
+
+class EngineDead(Exception):
+    """Raised on the engine thread to end it after repeated step failures."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +81,7 @@ class _Sink:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[tuple[int, Event]]
-    route: str
+    label: str  # the requests metric's `route` label, chosen by the API layer
 
 
 class Engine:
@@ -67,8 +96,12 @@ class Engine:
             settings.max_batch_size, settings.max_waiting, settings.max_prefill_tokens
         )
         self.metrics = metrics.get()
+        # Positions per sequence: the model's context, or less when the settings say.
+        self.max_model_len = min(settings.max_model_len or info.n_ctx, info.n_ctx)
         self._sinks: dict[int, _Sink] = {}  # request_id -> where its events go
         self._stopping = threading.Event()
+        self._dead: str | None = None  # why the engine stopped, once it has
+        self._heartbeat = time.monotonic()  # the engine loop's latest turn
         # NOTE: the engine thread builds the runner itself. Measured here (2-core
         # CPU, bench/engine_bench.py, 32 streams): a runner built on the main thread
         # and driven from this one decodes at 570 tok/s in bf16 and 860 in int8;
@@ -84,13 +117,16 @@ class Engine:
         if self._startup_error is not None:
             raise self._startup_error
         logger.info(
-            "engine ready: model=%s source=%s device=%s dtype=%s quantize=%s max_batch_size=%d%s",
+            "engine ready: model=%s source=%s device=%s dtype=%s quantize=%s max_batch_size=%d "
+            "max_model_len=%d kv_cache=%.2fGiB%s",
             info.tag,
             info.source,
             device,
             self.runner.dtype,
             settings.quantize,
             settings.max_batch_size,
+            self.max_model_len,
+            self.runner.kv_cache_bytes / 2**30,
             " RANDOM WEIGHTS: generated text is meaningless" if info.random_weights else "",
         )
 
@@ -128,7 +164,7 @@ class Engine:
         ids: list[int] = self.tokenizer(prompt).input_ids
         if not ids:
             raise ParamError(field, f"{field} must not be empty")
-        n_ctx = self.info.n_ctx
+        n_ctx = self.max_model_len
         if len(ids) + max_new_tokens > n_ctx:
             raise ParamError(
                 field,
@@ -140,105 +176,200 @@ class Engine:
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """One request's sequence; sampling without a seed gets a random one (`seq.params.seed`
         reports it back to the client)."""
-        generator = None
+        rng = None
         if params.do_sample:
             if params.seed is None:
                 params = replace(params, seed=random.randrange(2**31))
-            generator = torch.Generator(device=self.runner.device)
-            generator.manual_seed(params.seed)
-        return Sequence(prompt_ids, params, self.tokenizer, generator)
+            rng = random.Random(params.seed)
+        return Sequence(prompt_ids, params, self.tokenizer, rng)
 
-    def stream(self, seqs: list[Sequence], route: str = "engine") -> EventStream:
-        """Submits sequences together, now (EngineOverloaded when the queue is full).
+    def stream(self, seqs: list[Sequence], label: str = "engine") -> EventStream:
+        """Submits sequences together, now.
 
-        `route` labels the requests metric, counted by the engine when each
-        sequence finishes.
+        Raises EngineOverloaded when the queue is full, EngineUnavailable when the
+        engine is dead or wedged. `label` labels the requests metric, counted by
+        the engine when each sequence finishes.
         """
+        reason = self.health()
+        if reason is not None:
+            raise EngineUnavailable(reason)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         for seq in seqs:
-            self._sinks[seq.request_id] = _Sink(loop, queue, route)
+            self._sinks[seq.request_id] = _Sink(loop, queue, label)
         try:
             self.scheduler.submit(seqs)
-        except QueueFull as exc:
+        except (QueueFull, Closed) as exc:
             for seq in seqs:
                 del self._sinks[seq.request_id]
+            if isinstance(exc, Closed):
+                raise EngineUnavailable(str(exc)) from None
             raise EngineOverloaded(str(exc)) from None
         return EventStream(self.scheduler, seqs, queue)
 
     def warm_up(self) -> None:
-        """One short generation through every code path before the service says ready."""
+        """Generations through every path before the service says ready: two sequences
+        decoding together, one past 128 positions, a hole in the slots, then a reused slot.
+        Raises if any of them did not finish normally."""
         started = time.perf_counter()
-        params = SamplingParams(max_new_tokens=4, min_new_tokens=4)
-        seqs = [self.new_sequence(self.encode("Warm up", 4), params)]
-        self.scheduler.submit(seqs)
-        while not seqs[0].status.finished:
-            time.sleep(0.01)
+        prompt = self.tokenizer("Warm up").input_ids
+        long_tokens = min(WARM_UP_POSITIONS, self.max_model_len) - len(prompt)
+        short = SamplingParams(max_new_tokens=4, min_new_tokens=4)
+        long = SamplingParams(max_new_tokens=long_tokens, min_new_tokens=long_tokens)
+        first = [self.new_sequence(prompt, short), self.new_sequence(prompt, long)]
+        self.scheduler.submit(first)
+        self._wait_finished(first[:1])
+        reused = [self.new_sequence(prompt, short)]  # takes the first one's slot
+        self.scheduler.submit(reused)
+        self._wait_finished(first + reused)
+        for seq in first + reused:
+            if seq.status is not Status.FINISHED_LENGTH:
+                raise RuntimeError(
+                    f"warm-up generation ended {seq.status.finish_reason}: "
+                    f"{seq.events[-1].error if seq.events else 'no error given'}"
+                    if seq.status is Status.FAILED
+                    else f"warm-up generation ended {seq.status.finish_reason}"
+                )
         logger.info("warm-up took %.2fs", time.perf_counter() - started)
 
-    def shutdown(self) -> None:
+    def _wait_finished(self, seqs: list[Sequence]) -> None:
+        while not all(seq.status.finished for seq in seqs):
+            if self.health() is not None:
+                raise RuntimeError(f"the engine failed during warm-up: {self.health()}")
+            time.sleep(0.01)
+
+    def health(self) -> str | None:
+        """None when the engine is healthy; otherwise why it is not.
+
+        Unhealthy: stopped (dead after failures, or shut down), its thread gone, or
+        no step finished for `engine_stall_seconds` while work waits (wedged).
+        """
+        if self._dead is not None:
+            return self._dead
+        if not self._thread.is_alive():
+            return "the engine thread is not running"
+        stalled = time.monotonic() - self._heartbeat
+        if self.scheduler.has_work and stalled > self.settings.engine_stall_seconds:
+            return f"no engine step has finished for {stalled:.0f} s while requests wait"
+        return None
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stops the engine: running and waiting sequences end with an error event."""
         self._stopping.set()
-        self._thread.join(timeout=5)
+        self.scheduler.wake()
+        self._thread.join(timeout=timeout)
 
     # -- the engine thread ------------------------------------------------------
 
     def _run(self, model: Any, device: torch.device, dtype: torch.dtype) -> None:
         """The engine thread: builds the runner, then steps until shutdown."""
         try:
-            int8 = self.settings.quantize == "int8"
             self.runner = GPT2Runner(
-                model, device, dtype, self.settings.max_batch_size, quantize_int8=int8
+                model,
+                device,
+                dtype,
+                self.settings.max_batch_size,
+                quantize_int8=self.settings.quantize == "int8",
+                n_ctx=self.max_model_len,
+                memory_utilization=self.settings.memory_utilization,
+            )
+            self.sampler = Sampler(
+                self.settings.max_batch_size, self.runner.vocab_size, device, self.eos_token_id
             )
         except BaseException as exc:
             self._startup_error = exc
             return
         finally:
             self._ready.set()
-        self._loop()
+        reason = "the engine has shut down"
+        try:
+            self._loop()
+        except EngineDead as exc:
+            reason = str(exc)
+        except BaseException as exc:  # the thread itself is ending: nothing may hang
+            reason = f"the engine thread died: {exc!r}"
+            logger.exception("engine thread died")
+        finally:
+            self._die(reason)
 
     def _loop(self) -> None:
+        # Failed steps since the last one that made progress. A step that only
+        # prefills does not count as progress: a decode that always fails would
+        # otherwise never be noticed, each new request resetting the count.
+        failures = 0
         while not self._stopping.is_set():
+            self._heartbeat = time.monotonic()
             if not self.scheduler.wait_for_work(timeout=0.5):
                 continue
             try:
-                self.step()
-            except Exception:  # the loop must outlive any one step
-                logger.exception("engine step failed outside the forward pass")
+                if self.step():
+                    failures = 0
+            except Exception as exc:
+                failures += 1
+                self._recover(exc, failures)
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    raise EngineDead(
+                        f"{failures} engine steps failed in a row; the last: {exc}"
+                    ) from exc
 
-    def step(self) -> None:
-        """Retire, admit (prefill), decode one token per running sequence, deliver."""
-        done, moves = self.scheduler.retire()
-        if moves:
-            self.runner.move_rows(moves, used=max(s.num_tokens for s in self.scheduler.running))
+    def _recover(self, exc: Exception, failures: int) -> None:
+        """After a failed step: every running sequence gets an error event and every slot
+        is freed, so the next step starts from a consistent, empty batch."""
+        logger.exception(
+            "engine step failed (%d in a row); failing its %d running sequences",
+            failures,
+            len(self.scheduler.running),
+        )
+        self.metrics.step_failures.inc()
+        self._deliver(self.scheduler.fail_running(f"generation failed: {exc}"))
+
+    def _die(self, reason: str) -> None:
+        """The engine stops for good: new requests are refused, held ones fail."""
+        self._dead = reason
+        if not self._stopping.is_set():
+            logger.error("engine stopped: %s", reason)
+        self._deliver(self.scheduler.close(reason))
+
+    def step(self) -> bool:
+        """Retire, admit (prefill), decode one token per running sequence, deliver.
+
+        Returns whether it made progress: decoded, or finished a sequence normally.
+        """
+        done = self.scheduler.retire()
         admitted, dropped = self.scheduler.admit()
+        self._deliver(done + dropped)  # now: whatever happens next, these clients hear
         self.metrics.queue_depth.set(self.scheduler.num_waiting)
         self.metrics.running_batch_size.set(len(self.scheduler.running))
-        decoding = self.scheduler.running[: len(self.scheduler.running) - len(admitted)]
-        try:
-            self._forward(decoding, admitted)
-        except Exception as exc:  # a failed step fails its sequences, never the engine
-            logger.exception("generation step failed")
-            for seq in self.scheduler.running:
-                seq.finish(Status.FAILED, error=f"generation failed: {exc}")
-        self._deliver(done + dropped + self.scheduler.running)
-
-    def _forward(self, decoding: list[Sequence], admitted: list[Sequence]) -> None:
+        fresh = set(admitted)
+        decoding = sorted(
+            (s for s in self.scheduler.running if s not in fresh), key=lambda s: s.slot
+        )
         if decoding:
             logits = self.runner.decode(
-                [s.output_ids[-1] for s in decoding], [s.num_tokens - 1 for s in decoding]
+                [s.output_ids[-1] for s in decoding],
+                [s.num_tokens - 1 for s in decoding],
+                [s.slot for s in decoding],
             )
             self._append(decoding, logits)
         if admitted:
             logits = self.runner.prefill(
-                [s.prompt_ids for s in admitted], first_row=admitted[0].row
+                [s.prompt_ids for s in admitted], [s.slot for s in admitted]
             )
             self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
+            self.sampler.admit(admitted)
             self._append(admitted, logits)
+        self._deliver(self.scheduler.running)
+        return bool(decoding) or any(
+            s.status.finished and s.status is not Status.FAILED for s in admitted
+        )
 
     def _append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        choices = choose_tokens(logits, seqs, self.eos_token_id)
+        choices = self.sampler.choose(logits, seqs)
         now = time.perf_counter()
         for seq, choice in zip(seqs, choices, strict=True):
+            if choice.token_id == INVALID:
+                seq.finish(Status.FAILED, error=NON_FINITE_LOGITS)
+                continue
             if seq.last_token_time is None:
                 self.metrics.time_to_first_token.observe(now - seq.arrival_time)
             else:
@@ -250,7 +381,7 @@ class Engine:
         self.metrics.generated_tokens.inc(len(seqs))
 
     def _deliver(self, seqs: list[Sequence]) -> None:
-        """Hands this step's events to each sequence's event loop, one call per loop."""
+        """Hands these sequences' new events to their event loops, one call per loop."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, int, Event]]] = {}
         for seq in seqs:
             events, seq.events = seq.events, []
@@ -260,7 +391,7 @@ class Engine:
             batch = batches.setdefault(sink.loop, [])
             batch.extend((sink.queue, seq.request_id, e) for e in events)
             if seq.status.finished:  # its FinishEvent is in this batch: the last one
-                self.metrics.requests.labels(sink.route, seq.status.finish_reason).inc()
+                self.metrics.requests.labels(sink.label, seq.status.finish_reason).inc()
                 del self._sinks[seq.request_id]
         for loop, batch in batches.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: its clients are gone

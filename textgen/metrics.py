@@ -24,6 +24,7 @@ class Metrics:
     queue_depth: Any  # Gauge: sequences waiting for a batch row
     running_batch_size: Any  # Gauge: sequences in the running batch
     rejections: Any  # Counter{cause}: invalid | unauthorized | body_too_large | overloaded
+    step_failures: Any  # Counter: engine steps that failed (each failed its running sequences)
 
 
 @functools.cache
@@ -60,5 +61,9 @@ def get() -> Metrics:
             "textgen_rejections",
             "Requests refused, by cause: invalid, unauthorized, body_too_large, overloaded",
             ["cause"],
+        ),
+        step_failures=prom.Counter(
+            "textgen_engine_step_failures",
+            "Engine steps that failed; each failed every sequence it was running",
         ),
     )

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from textgen.api import sse, until_disconnected
-from textgen.engine import Engine, EngineOverloaded, EventStream
+from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
 from textgen.params import MAX_LOGPROBS, ParamError, SamplingParams
 from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
 
@@ -88,6 +88,7 @@ class CompletionRequest(BaseModel):
     best_of: int | None = None
     # vLLM's extras
     top_k: int = Field(0, ge=-1)  # 0 or -1: off
+    min_p: float = Field(0.0, ge=0, le=1)
     min_tokens: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
@@ -113,6 +114,7 @@ class CompletionRequest(BaseModel):
             temperature=self.temperature if sampling else 1.0,
             top_k=max(self.top_k, 0),
             top_p=self.top_p,
+            min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
@@ -331,6 +333,10 @@ async def completions(request: Request) -> Response:
             f"server is at capacity: {exc}; retry later",
             type_="rate_limit_error",
             code="rate_limit_exceeded",
+        ).response()
+    except EngineUnavailable as exc:
+        return OpenAIError(
+            503, f"the engine is unavailable: {exc}", type_="service_unavailable_error"
         ).response()
 
 

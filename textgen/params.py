@@ -13,6 +13,11 @@ from dataclasses import dataclass
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 5
+MAX_TEMPERATURE = 100.0  # beyond it every distribution is uniform to float precision
+MAX_REPETITION_PENALTY = 100.0
+# Below this a temperature is greedy decoding (as vLLM treats it): dividing by it
+# would overflow float32 logits.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class ParamError(ValueError):
@@ -44,10 +49,13 @@ def _require(ok: bool, param: str, message: str) -> None:
 class SamplingParams:
     max_new_tokens: int = 50  # tokens to generate at most
     min_new_tokens: int = 0  # EOS is suppressed until this many were generated
-    do_sample: bool = False  # False: greedy argmax; True: sample from the processed distribution
+    # False: greedy argmax; True: sample from the processed distribution. A temperature
+    # below GREEDY_TEMPERATURE makes it False.
+    do_sample: bool = False
     temperature: float = 1.0  # divides the logits before top-k / top-p (sampling only)
     top_k: int = 0  # keep the k most likely tokens; 0 keeps all
     top_p: float = 1.0  # nucleus: keep the smallest set whose mass reaches top_p
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
     repetition_penalty: float = 1.0  # CTRL-style: divides positive logits of seen tokens
     presence_penalty: float = 0.0  # OpenAI: subtracted once from each generated token's logit
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
@@ -72,16 +80,24 @@ class SamplingParams:
             value = getattr(self, name)
             _require(math.isfinite(value), name, f"{name} must be finite, got {value}")
         _require(
-            self.temperature > 0,
+            0 < self.temperature <= MAX_TEMPERATURE,
             "temperature",
-            f"temperature must be > 0, got {self.temperature}",
+            f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {self.temperature}",
         )
+        if self.temperature < GREEDY_TEMPERATURE:
+            object.__setattr__(self, "do_sample", False)
         _require(self.top_k >= 0, "top_k", f"top_k must be >= 0, got {self.top_k}")
         _require(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
         _require(
-            self.repetition_penalty > 0,
+            math.isfinite(self.min_p) and 0 <= self.min_p <= 1,
+            "min_p",
+            f"min_p must be in [0, 1], got {self.min_p}",
+        )
+        _require(
+            0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
             "repetition_penalty",
-            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], "
+            f"got {self.repetition_penalty}",
         )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)

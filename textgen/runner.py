@@ -1,24 +1,33 @@
-"""The tensor work: GPT-2 forward passes over a row-per-sequence KV cache.
+"""The tensor work: GPT-2 forward passes over a slot-per-sequence KV cache.
 
-Rows of the cache are the scheduler's running sequences (row i holds
-`running[i]`). The runner reuses the Hugging Face modules for every dense
-operation (layer norms, projections, MLP), so float32 numerics match
-`model.generate`; it only replaces the attention bookkeeping, so that sequences
-of different lengths share one decode step without padding their caches.
+The cache is allocated once, at start, for `max_batch_size` slots of the full
+context; a running sequence owns one slot (the scheduler hands them out) and
+nothing in the cache ever moves. The runner reuses the Hugging Face modules for
+every dense operation (layer norms, projections, MLP), so float32 numerics
+match `model.generate`; it only replaces the attention bookkeeping, so that
+sequences of different lengths share one decode step without padding.
 
-Shapes: B sequences, T positions, C = n_embd, H heads of D = C / H, V vocab.
+Shapes: B sequences, S slots, T positions (the context), L attended positions
+(the longest live sequence), C = n_embd, H heads of D = C / H, V vocab.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CACHE_GROWTH = 128  # positions are allocated in multiples of this
+GIB = 1 << 30
+
+
+class CacheDoesNotFit(RuntimeError):
+    """The KV cache is larger than the memory the settings allow it."""
 
 
 @dataclass
@@ -39,7 +48,11 @@ class GPT2Runner:
         dtype: torch.dtype,
         max_batch_size: int,
         quantize_int8: bool = False,
+        n_ctx: int | None = None,
+        memory_utilization: float = 0.9,
     ) -> None:
+        """`n_ctx`: positions per slot (default: the model's); `memory_utilization`: the share
+        of the memory available after loading the weights that the KV cache may take."""
         config = model.config
         if config.model_type != "gpt2":
             raise ValueError(f"the engine serves GPT-2 architectures, got {config.model_type!r}")
@@ -57,8 +70,9 @@ class GPT2Runner:
         # at batch 32), and decode attention is a small share of the FLOPs.
         self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
         self.max_batch_size = max_batch_size
-        self.n_ctx: int = config.n_positions
+        self.n_ctx: int = n_ctx or config.n_positions
         self.n_embd: int = config.n_embd
+        self.vocab_size: int = config.vocab_size
         self.n_head: int = config.n_head
         self.head_dim = config.n_embd // config.n_head
         transformer = model.transformer
@@ -77,74 +91,73 @@ class GPT2Runner:
             )
             for h in transformer.h
         ]
-        self._capacity = 0
-        self._keys: list[torch.Tensor] = []  # per layer: (max_batch_size, H, capacity, D)
-        self._values: list[torch.Tensor] = []
-        self._ensure_capacity(CACHE_GROWTH)
-
-    def _ensure_capacity(self, positions: int) -> None:
-        """Grows every layer's cache to hold `positions` tokens per row."""
-        if positions <= self._capacity:
-            return
-        capacity = min(self.n_ctx, -(-positions // CACHE_GROWTH) * CACHE_GROWTH)
-        shape = (self.max_batch_size, self.n_head, capacity, self.head_dim)
-        old = self._capacity
-        for cache in (self._keys, self._values):
-            grown = [
-                torch.zeros(shape, device=self.device, dtype=self.cache_dtype) for _ in self.blocks
-            ]
-            for new, prev in zip(grown, cache, strict=False):
-                new[:, :, :old] = prev
-            cache[:] = grown
-        self._capacity = capacity
-
-    def move_rows(self, moves: list[tuple[int, int]], used: int) -> None:
-        """Applies the scheduler's row moves (src -> dst), copying `used` positions."""
-        for src, dst in moves:
-            for cache in (*self._keys, *self._values):
-                cache[dst, :, :used] = cache[src, :, :used]
+        # Per layer, keys and values: (S, H, T, D). One allocation, zero-filled, so
+        # the positions a mask hides hold finite numbers (0 x NaN would leak).
+        shape = (len(self.blocks), 2, max_batch_size, self.n_head, self.n_ctx, self.head_dim)
+        needed = math.prod(shape) * self.cache_dtype.itemsize
+        available = available_memory(device)
+        if needed > memory_utilization * available:
+            allowed = memory_utilization * available
+            raise CacheDoesNotFit(
+                f"the KV cache needs {_size(needed)} ({max_batch_size} slots x {self.n_ctx} "
+                f"positions x {len(self.blocks)} layers x {self.n_embd} x 2 (keys, values) x "
+                f"{self.cache_dtype.itemsize} bytes) but may take only {_size(allowed)} "
+                f"(TEXTGEN_MEMORY_UTILIZATION={memory_utilization:g} of {_size(available)} "
+                f"available on {device}); lower TEXTGEN_MAX_BATCH_SIZE or TEXTGEN_MAX_MODEL_LEN"
+            )
+        self.kv_cache = torch.zeros(shape, device=device, dtype=self.cache_dtype)
+        self.kv_cache_bytes = needed
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
-        """Runs whole prompts into rows first_row..; returns next-token logits (n, V) float32."""
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Runs whole prompts into their slots; returns next-token logits (n, V) float32."""
         n = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        t = int(lengths.max())
-        self._ensure_capacity(t)
-        ids = torch.zeros((n, t), dtype=torch.long, device=self.device)
+        t = max(len(p) for p in prompts)
+        ids = torch.zeros((n, t), dtype=torch.long)
         for i, prompt in enumerate(prompts):  # right-padded; padding is never attended
-            ids[i, : len(prompt)] = torch.tensor(prompt, device=self.device)
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+        ids = ids.to(self.device)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # (n,)
+        slot_ids = torch.tensor(slots, device=self.device)  # (n,)
         positions = torch.arange(t, device=self.device)
         x = self.wte(ids) + self.wpe(positions)  # (n, T, C)
-        rows = slice(first_row, first_row + n)
-        for block, keys, values in zip(self.blocks, self._keys, self._values, strict=True):
+        for block, kv in zip(self.blocks, self.kv_cache, strict=True):
             q, k, v = self._heads(block, x)  # each (n, H, T, D)
-            keys[rows, :, :t] = k
-            values[rows, :, :t] = v
+            kv[0, slot_ids, :, :t] = k
+            kv[1, slot_ids, :, :t] = v
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scaling)
             x = self._finish_block(block, x, a)
-        last = x[torch.arange(n, device=self.device), lengths - 1]  # (n, C)
-        return self.lm_head(self.ln_f(last)).float()
+        x = x[torch.arange(n, device=self.device), last]  # (n, C)
+        return self.lm_head(self.ln_f(x)).float()
 
     @torch.inference_mode()
-    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of rows 0..B-1 at its own position; returns logits (B, V) float32."""
+    def decode(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """One token for each sequence at its position, in its slot; returns logits (B, V)
+        float32. `slots` ascend; when they are 0..B-1 no slot is gathered or scattered."""
         b = len(token_ids)
+        span = slots[-1] + 1  # attention runs over slots 0..span-1, holes included
+        length = max(positions) + 1  # L: no slot attends past the longest live sequence
         ids = torch.tensor(token_ids, device=self.device)  # (B,)
         pos = torch.tensor(positions, device=self.device)  # (B,)
-        t = max(positions) + 1
-        self._ensure_capacity(t)
-        rows = torch.arange(b, device=self.device)
-        # Row i attends to its own positions 0..pos[i] only.
-        mask = (torch.arange(t, device=self.device) <= pos[:, None])[:, None, None, :]  # (B,1,1,T)
+        slot_ids = torch.tensor(slots, device=self.device)  # (B,)
+        # Slot s attends to its own positions 0..pos[s]; a hole attends to position 0
+        # only (a finite row, discarded), so no row of the softmax is empty.
+        live_pos = pos if span == b else torch.zeros(span, dtype=pos.dtype, device=self.device)
+        if span != b:
+            live_pos[slot_ids] = pos
+        mask = torch.arange(length, device=self.device) <= live_pos[:, None]  # (S, L)
+        mask = mask[:, None, None, :]  # (S, 1, 1, L)
         x = (self.wte(ids) + self.wpe(pos))[:, None, :]  # (B, 1, C)
-        for block, keys, values in zip(self.blocks, self._keys, self._values, strict=True):
+        for block, kv in zip(self.blocks, self.kv_cache, strict=True):
             q, k, v = self._heads(block, x)  # each (B, H, 1, D)
-            keys[rows, :, pos] = k[:, :, 0]
-            values[rows, :, pos] = v[:, :, 0]
-            a = F.scaled_dot_product_attention(
-                q, keys[:b, :, :t], values[:b, :, :t], attn_mask=mask, scale=block.scaling
-            )
+            kv[0, slot_ids, :, pos] = k[:, :, 0]
+            kv[1, slot_ids, :, pos] = v[:, :, 0]
+            if span != b:  # (S, H, 1, D), holes zero
+                q = q.new_zeros((span, *q.shape[1:])).index_copy_(0, slot_ids, q)
+            keys, values = kv[0, :span, :, :length], kv[1, :span, :, :length]  # (S, H, L, D)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=block.scaling)
+            if span != b:
+                a = a.index_select(0, slot_ids)  # (B, H, 1, D)
             x = self._finish_block(block, x, a)
         return self.lm_head(self.ln_f(x[:, 0])).float()
 
@@ -187,3 +200,21 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     head.weight.data = model.lm_head.weight.data.clone()
     model.lm_head = head
     return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 100 else f"{n / 2**20:.2f} MiB"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device`: CUDA's free memory, else MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -3,22 +3,24 @@
 The scheduler decides which sequences run at each decode step; the model runner
 does the tensor work. Tests drive this module with scripted token ids.
 
-NOTE (the invariant the runner relies on): `running[i].row == i` for every
-running sequence, and row i of the KV cache holds that sequence's keys and
-values. `admit` appends new sequences at the end; `retire` keeps rows dense by
-moving the last sequence into each freed row and reports those moves, which the
-runner applies to its cache before the next step.
+NOTE (the invariant the runner relies on): a running sequence owns one KV
+cache slot (`seq.slot`) from admission to retirement, and no two running
+sequences share a slot. Slots never move: `admit` takes the lowest free slot
+(so the live slots stay packed near 0 and decode attention spans few holes),
+`retire` gives a finished sequence's slot back. Nothing is copied when a
+neighbour leaves.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 import itertools
+import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from textgen.params import SamplingParams
 from textgen.text import Decoder, Detokenizer, StopMatcher
@@ -72,12 +74,12 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     decoder: Decoder
-    generator: Any = None  # torch.Generator when sampling, seeded per request
+    rng: random.Random | None = None  # when sampling: one uniform draw per token, seeded
     request_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     status: Status = Status.WAITING
-    row: int = -1  # KV cache row while running
+    slot: int = -1  # KV cache slot while running
     cancel_requested: bool = False  # set from any thread; honoured at the next step
     arrival_time: float = field(default_factory=time.perf_counter)
     last_token_time: float | None = None  # perf_counter() of the latest token
@@ -140,6 +142,10 @@ class QueueFull(Exception):
     """More requests wait for admission than the scheduler accepts."""
 
 
+class Closed(Exception):
+    """The scheduler takes no more sequences: its engine has stopped."""
+
+
 class Scheduler:
     """Admits waiting sequences into the running batch and retires finished ones.
 
@@ -150,13 +156,15 @@ class Scheduler:
     def __init__(
         self, max_batch_size: int, max_waiting: int, max_prefill_tokens: int = 2048
     ) -> None:
-        self.max_batch_size = max_batch_size  # rows in the running batch
+        self.max_batch_size = max_batch_size  # KV slots, so sequences in the running batch
         self.max_waiting = max_waiting  # queued sequences beyond which submit refuses
-        # Padded prompt tokens one prefill may take (rows x longest prompt); a
-        # larger prefill would stall every running stream for that long.
+        # Padded prompt tokens one prefill may take (sequences x longest prompt);
+        # a larger prefill would stall every running stream for that long.
         self.max_prefill_tokens = max_prefill_tokens
-        self.running: list[Sequence] = []  # running[i].row == i
+        self.running: list[Sequence] = []  # in admission order; each holds its own slot
+        self._free_slots = list(range(max_batch_size))  # a min-heap
         self._waiting: deque[Sequence] = deque()
+        self._closed: str | None = None  # why submissions are refused, once they are
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
 
@@ -167,6 +175,8 @@ class Scheduler:
     def submit(self, seqs: list[Sequence]) -> None:
         """Queues sequences for admission, all or none."""
         with self._lock:
+            if self._closed is not None:
+                raise Closed(self._closed)
             if len(self._waiting) + len(seqs) > self.max_waiting + self.max_batch_size - len(
                 self.running
             ):
@@ -181,17 +191,26 @@ class Scheduler:
             seq.cancel_requested = True
             self._work.notify()
 
+    def wake(self) -> None:
+        """Ends a `wait_for_work` early (the engine is stopping)."""
+        with self._lock:
+            self._work.notify()
+
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Blocks the engine thread until something is running or waiting."""
         with self._lock:
-            if not self.running and not self._waiting:
+            if not self.has_work:
                 self._work.wait(timeout)
-            return bool(self.running or self._waiting)
+            return self.has_work
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self._waiting)
 
     def admit(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Moves waiting sequences, in arrival order, into free rows.
+        """Moves waiting sequences, in arrival order, into free slots.
 
-        Admits while rows are free and the prefill stays within
+        Admits while slots are free and the prefill stays within
         `max_prefill_tokens` (always at least one, however long its prompt).
         Returns the admitted ones (they need a prefill) and the ones cancelled
         while they waited (finished without running).
@@ -202,40 +221,50 @@ class Scheduler:
             if dropped:
                 self._waiting = deque(s for s in self._waiting if not s.cancel_requested)
             longest = 0
-            while self._waiting and len(self.running) < self.max_batch_size:
+            while self._waiting and self._free_slots:
                 seq = self._waiting[0]
                 longest = max(longest, len(seq.prompt_ids))
                 if admitted and (len(admitted) + 1) * longest > self.max_prefill_tokens:
                     break
                 self._waiting.popleft()
                 seq.status = Status.RUNNING
-                seq.row = len(self.running)
+                seq.slot = heapq.heappop(self._free_slots)
                 self.running.append(seq)
                 admitted.append(seq)
         for seq in dropped:
             seq.finish(Status.CANCELLED)
         return admitted, dropped
 
-    def retire(self) -> tuple[list[Sequence], list[tuple[int, int]]]:
-        """Removes finished (and cancelled) sequences from the batch.
-
-        Returns them and the KV-cache row moves `(src, dst)` that keep rows dense;
-        apply the moves in order.
-        """
+    def retire(self) -> list[Sequence]:
+        """Removes finished (and cancelled) sequences from the batch, freeing their slots."""
         for seq in self.running:
             if seq.cancel_requested and not seq.status.finished:
                 seq.finish(Status.CANCELLED)
         done = [seq for seq in self.running if seq.status.finished]
-        moves: list[tuple[int, int]] = []
-        # Descending: every finished row above `row` is gone already, so the
-        # last row is a live sequence whenever it differs from `row`.
-        for row in sorted((seq.row for seq in done), reverse=True):
-            last = len(self.running) - 1
-            if row != last:
-                self.running[row] = self.running[last]
-                self.running[row].row = row
-                moves.append((last, row))
-            self.running.pop()
-        for seq in done:
-            seq.row = -1
-        return done, moves
+        if done:
+            self.running = [seq for seq in self.running if not seq.status.finished]
+            for seq in done:
+                heapq.heappush(self._free_slots, seq.slot)
+                seq.slot = -1
+        return done
+
+    def fail_running(self, error: str) -> list[Sequence]:
+        """Fails every running sequence and frees every slot: the empty, consistent state
+        a failed step returns to. Returns the failed sequences."""
+        failed = self.running
+        for seq in failed:
+            seq.finish(Status.FAILED, error=error)
+            seq.slot = -1
+        self.running = []
+        self._free_slots = list(range(self.max_batch_size))
+        return failed
+
+    def close(self, error: str) -> list[Sequence]:
+        """Refuses all further submissions and fails every running and waiting sequence
+        (the engine is going away). Returns the failed sequences."""
+        with self._lock:
+            self._closed = error
+            waiting, self._waiting = list(self._waiting), deque()
+        for seq in waiting:
+            seq.finish(Status.FAILED, error=error)
+        return self.fail_running(error) + waiting

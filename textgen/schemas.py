@@ -62,6 +62,9 @@ class GenerateRequest(OpenAPI30Schema, ValueNamingModel, IODescriptor):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    min_p: float = Field(
+        0.0, ge=0, le=1, description="Drop tokens below min_p x the best one's probability."
+    )
     repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeats.")
     stop: list[str] = Field(
         default_factory=list,
@@ -79,6 +82,7 @@ class GenerateRequest(OpenAPI30Schema, ValueNamingModel, IODescriptor):
             temperature=self.temperature,
             top_k=self.top_k or 0,
             top_p=self.top_p,
+            min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
             stop=tuple(self.stop),
             seed=self.seed,

@@ -1,0 +1,349 @@
+"""The engine core on every path: stable KV slots, failure isolation, health.
+
+Float32 on the tiny model, compared with the model's own `generate`; sequences
+cross the cache's allocation blocks (128 positions) while neighbours join,
+finish and are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from tests.conftest import hf_greedy, make_engine, run
+from textgen.engine import MAX_CONSECUTIVE_FAILURES, NON_FINITE_LOGITS, EngineUnavailable
+from textgen.params import ParamError, SamplingParams
+from textgen.runner import CacheDoesNotFit
+from textgen.scheduler import TokenEvent
+
+LONG = "In a shocking finding, scientists discovered a herd of unicorns living in a remote valley"
+OTHER = "The quick brown fox"
+
+
+async def _tokens(engine, prompt, params, cancel_after=None):
+    """Token ids of one request; closes its stream after `cancel_after` tokens."""
+    seq = engine.new_sequence(engine.tokenizer(prompt).input_ids, params)
+    events = engine.stream([seq])
+    ids = []
+    try:
+        async for _, event in events:
+            if isinstance(event, TokenEvent):
+                ids.append(event.token_id)
+                if cancel_after is not None and len(ids) == cancel_after:
+                    break
+    finally:
+        await events.aclose()
+    return ids
+
+
+def test_a_long_sequence_keeps_its_tokens_when_a_neighbour_is_cancelled_past_a_block(
+    tiny_model, tokenizer
+):
+    eng = make_engine(tiny_model, tokenizer)
+    try:
+
+        async def both():
+            return await asyncio.gather(
+                _tokens(eng, OTHER, SamplingParams(max_new_tokens=400), cancel_after=200),
+                _tokens(eng, LONG, SamplingParams(max_new_tokens=300)),
+            )
+
+        cancelled, survivor = run(both())
+        assert len(cancelled) == 200
+        assert survivor == hf_greedy(tiny_model, tokenizer(LONG).input_ids, 300)
+        assert eng._sinks == {}
+    finally:
+        eng.shutdown()
+
+
+def _assert_idle(eng):
+    """No state left behind: no sinks, no running or waiting sequence, every slot free."""
+    deadline = time.monotonic() + 5
+    while eng.scheduler.has_work and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng._sinks == {}
+    assert not eng.scheduler.has_work
+    assert sorted(eng.scheduler._free_slots) == list(range(eng.settings.max_batch_size))
+
+
+def test_golden_long_outputs_with_arrivals_cancellations_and_more_requests_than_slots(
+    tiny_model, tokenizer
+):
+    # 3 slots, 6 requests: slots are reused while 300+-token sequences run past 128
+    # and 256 positions; two are cancelled mid-stream, two finish early.
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=3)
+    requests = [  # (delay s, prompt, new tokens, cancel after)
+        (0.0, LONG, 320, None),
+        (0.0, OTHER, 400, 150),
+        (0.01, "Hello", 7, None),
+        (0.02, "Once upon a time there was", 300, None),
+        (0.05, "def fibonacci(n):", 260, 140),
+        (0.05, "Zürich, München, 東京 and", 30, None),
+    ]
+
+    async def one(delay, prompt, n, cancel_after):
+        await asyncio.sleep(delay)
+        return await _tokens(eng, prompt, SamplingParams(max_new_tokens=n), cancel_after)
+
+    try:
+        async def all_of_them():
+            return await asyncio.gather(*(one(*r) for r in requests))
+
+        together = run(all_of_them())
+        for (_, prompt, n, cancel_after), got in zip(requests, together, strict=True):
+            solo = hf_greedy(tiny_model, tokenizer(prompt).input_ids, n)
+            assert got == solo[: cancel_after or n], prompt
+        _assert_idle(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_the_kv_cache_is_allocated_once_for_every_slot_and_the_full_context(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=3)
+    try:
+        cache = eng.runner.kv_cache
+        config = tiny_model.config
+        head_dim = config.n_embd // config.n_head
+        assert tuple(cache.shape) == (config.n_layer, 2, 3, config.n_head, 1024, head_dim)
+        pointer = cache.data_ptr()
+        run(_tokens(eng, LONG, SamplingParams(max_new_tokens=300)))
+        assert eng.runner.kv_cache.data_ptr() == pointer
+    finally:
+        eng.shutdown()
+
+
+def test_a_cache_that_does_not_fit_refuses_to_start_naming_the_bytes(tiny_model, tokenizer):
+    with pytest.raises(CacheDoesNotFit) as err:
+        make_engine(tiny_model, tokenizer, max_batch_size=64, memory_utilization=1e-6)
+    message = str(err.value)
+    assert message.startswith(
+        "the KV cache needs 0.06 GiB (64 slots x 1024 positions x 2 layers x 64 x 2 "
+        "(keys, values) x 4 bytes) but may take only "
+    )
+    assert "GiB available on cpu" in message and "TEXTGEN_MEMORY_UTILIZATION=1e-06" in message
+    assert "lower TEXTGEN_MAX_BATCH_SIZE or TEXTGEN_MAX_MODEL_LEN" in message
+
+
+def test_max_model_len_bounds_the_context_and_the_cache(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=2, max_model_len=200)
+    try:
+        assert eng.runner.kv_cache.shape[4] == 200
+        with pytest.raises(ParamError, match="exceeds the model's context of 200 tokens"):
+            eng.encode("Hello", 200)
+        tokens = run(_tokens(eng, "Hello", SamplingParams(max_new_tokens=199)))
+        assert tokens == hf_greedy(tiny_model, tokenizer("Hello").input_ids, 199)
+    finally:
+        eng.shutdown()
+
+
+# -- failures ------------------------------------------------------------------------
+
+
+def _patch_decode(eng, fault):
+    """Wraps the runner's decode: `fault(call_number, args)` may raise, sleep or edit."""
+    decode, calls = eng.runner.decode, [0]
+
+    def patched(*args):
+        calls[0] += 1
+        out = fault(calls[0], args)
+        return out if out is not None else decode(*args)
+
+    eng.runner.decode = patched
+
+
+async def _final(eng, prompt, params):
+    seq = eng.new_sequence(eng.tokenizer(prompt).input_ids, params)
+    tokens, final = [], None
+    async for _, event in eng.stream([seq]):
+        if isinstance(event, TokenEvent):
+            tokens.append(event.token_id)
+        else:
+            final = event
+    return tokens, final
+
+
+def test_non_finite_logits_fail_only_their_own_row(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer)
+    decode = eng.runner.decode
+    poisoned = []
+
+    def poison(call, args):
+        logits = decode(*args).clone()
+        slots = args[2]
+        if poisoned and poisoned[0].slot in slots:
+            logits[slots.index(poisoned[0].slot), 7] = float("nan")
+        return logits
+
+    _patch_decode(eng, poison)
+
+    async def both():
+        victim = eng.new_sequence(tokenizer(OTHER).input_ids, SamplingParams(max_new_tokens=50))
+        poisoned.append(victim)
+        events = eng.stream([victim])
+        bystander = asyncio.ensure_future(
+            _final(eng, LONG, SamplingParams(max_new_tokens=30, do_sample=False))
+        )
+        victim_events = [e async for _, e in events]
+        return victim_events, await bystander
+
+    try:
+        victim_events, (tokens, final) = run(both())
+        assert victim_events[-1].status.finish_reason == "error"
+        assert victim_events[-1].error == NON_FINITE_LOGITS
+        assert len(victim_events) == 2  # the prefill's token, then the error
+        assert final.status.finish_reason == "length"
+        assert tokens == hf_greedy(tiny_model, tokenizer(LONG).input_ids, 30)
+        assert eng.health() is None
+        _assert_idle(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_a_failed_step_fails_the_batch_resets_it_and_the_engine_goes_on(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer)
+
+    def fail_third(call, args):
+        if call == 3:
+            raise RuntimeError("boom")
+
+    _patch_decode(eng, fail_third)
+    try:
+
+        async def two():
+            return await asyncio.gather(
+                _final(eng, OTHER, SamplingParams(max_new_tokens=10)),
+                _final(eng, LONG, SamplingParams(max_new_tokens=10)),
+            )
+
+        results = run(two())
+        for _, final in results:
+            assert (final.status.finish_reason, final.error) == ("error", "generation failed: boom")
+        _assert_idle(eng)
+        tokens, final = run(_final(eng, LONG, SamplingParams(max_new_tokens=140)))
+        assert tokens == hf_greedy(tiny_model, tokenizer(LONG).input_ids, 140)
+        assert eng.health() is None
+    finally:
+        eng.shutdown()
+
+
+def test_steps_failing_every_time_kill_the_engine_and_refuse_new_requests(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer)
+
+    def always(call, args):
+        raise RuntimeError("the device is gone")
+
+    _patch_decode(eng, always)
+    try:
+        for _ in range(MAX_CONSECUTIVE_FAILURES):
+            _, final = run(_final(eng, OTHER, SamplingParams(max_new_tokens=10)))
+            assert final.error == "generation failed: the device is gone"
+        eng._thread.join(timeout=5)
+        assert eng.health() == (
+            f"{MAX_CONSECUTIVE_FAILURES} engine steps failed in a row; the last: the device is gone"
+        )
+        with pytest.raises(EngineUnavailable, match="3 engine steps failed in a row"):
+            run(_final(eng, OTHER, SamplingParams(max_new_tokens=10)))
+    finally:
+        eng.shutdown()
+
+
+def test_a_dead_engine_thread_fails_in_flight_requests_and_refuses_new_ones(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer)
+
+    def die(call, args):
+        if call == 5:
+            raise SystemExit("killed")
+
+    _patch_decode(eng, die)
+    try:
+        tokens, final = run(_final(eng, OTHER, SamplingParams(max_new_tokens=50)))
+        assert (len(tokens), final.status.finish_reason) == (5, "error")
+        assert final.error == "the engine thread died: SystemExit('killed')"
+        eng._thread.join(timeout=5)
+        assert eng.health() == "the engine thread died: SystemExit('killed')"
+        with pytest.raises(EngineUnavailable, match="the engine thread died"):
+            run(_final(eng, OTHER, SamplingParams(max_new_tokens=10)))
+        assert eng._sinks == {}
+    finally:
+        eng.shutdown()
+
+
+def test_a_wedged_engine_is_unhealthy_while_it_hangs_and_healthy_after(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer, engine_stall_seconds=0.3)
+    release = threading.Event()
+
+    def hang(call, args):
+        if call == 2:
+            release.wait(timeout=30)
+
+    _patch_decode(eng, hang)
+    try:
+
+        async def scenario():
+            running = asyncio.ensure_future(_final(eng, OTHER, SamplingParams(max_new_tokens=5)))
+            await asyncio.sleep(1.0)
+            reason = eng.health()
+            with pytest.raises(EngineUnavailable, match="no engine step has finished for"):
+                eng.stream([eng.new_sequence([1, 2], SamplingParams(max_new_tokens=2))])
+            release.set()
+            return reason, await running
+
+        reason, (tokens, final) = run(scenario())
+        assert reason is not None and reason.startswith("no engine step has finished for")
+        assert final.status.finish_reason == "length" and len(tokens) == 5
+        assert eng.health() is None
+    finally:
+        release.set()
+        eng.shutdown()
+
+
+def test_warm_up_raises_when_its_generation_fails(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer)
+
+    def fail_once(call, args):
+        if call == 1:
+            raise RuntimeError("boom")
+
+    _patch_decode(eng, fail_once)
+    try:
+        with pytest.raises(RuntimeError, match="warm-up generation ended error"):
+            eng.warm_up()
+        eng.warm_up()  # the engine went on; a clean warm-up passes
+    finally:
+        eng.shutdown()
+
+
+def test_warm_up_crosses_128_positions_and_reuses_a_slot(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer)
+    seen = []
+
+    def record(call, args):
+        seen.append((max(args[1]), list(args[2])))
+
+    _patch_decode(eng, record)
+    try:
+        eng.warm_up()
+        assert max(p for p, _ in seen) >= 128
+        assert ([0, 1] in [s for _, s in seen]) and ([1] in [s for _, s in seen])
+        _assert_idle(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_shutdown_ends_every_held_sequence_with_an_error(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=1)
+
+    async def scenario():
+        long = asyncio.ensure_future(_final(eng, OTHER, SamplingParams(max_new_tokens=1000)))
+        queued = asyncio.ensure_future(_final(eng, LONG, SamplingParams(max_new_tokens=10)))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(eng.shutdown)
+        return await asyncio.wait_for(asyncio.gather(long, queued), timeout=10)
+
+    (_, first), (tokens, second) = run(scenario())
+    assert (first.status.finish_reason, first.error) == ("error", "the engine has shut down")
+    assert (second.error, tokens) == ("the engine has shut down", [])
+    assert eng.health() == "the engine has shut down"

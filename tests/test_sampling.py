@@ -1,0 +1,220 @@
+"""The batched sampler on fixed logits: distributions against transformers' own
+processors, hostile numbers confined to their row, seeds exact alone and batched."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+from transformers import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from tests.conftest import hf_greedy, run
+from textgen.params import ParamError, SamplingParams
+from textgen.sampling import INVALID, Sampler
+from textgen.scheduler import Sequence, TokenEvent
+
+V = 24  # a small vocabulary keeps the expected distributions readable
+EOS = V - 1
+N = 4000  # rows of one batch, one per uniform draw
+
+
+class Uniform:
+    """A generator stand-in that returns one fixed uniform number."""
+
+    def __init__(self, u: float) -> None:
+        self.u = u
+
+    def random(self) -> float:
+        return self.u
+
+
+class Ids:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(0x61 + i % 26) for i in ids)
+
+
+def fixed_logits() -> torch.Tensor:
+    torch.manual_seed(3)
+    return torch.randn(V) * 2.5  # (V,)
+
+
+def frequencies(params: SamplingParams, prompt_ids: list[int]) -> torch.Tensor:
+    """How often each token is chosen over N evenly spaced uniform draws: the sampler's
+    distribution to within 1/N."""
+    sampler = Sampler(N, V, torch.device("cpu"), EOS)
+    seqs = []
+    for slot in range(N):
+        seq = Sequence(prompt_ids, params, Ids(), Uniform((slot + 0.5) / N))
+        seq.slot = slot
+        seqs.append(seq)
+    sampler.admit(seqs)
+    choices = sampler.choose(fixed_logits().repeat(N, 1), seqs)
+    return torch.bincount(torch.tensor([c.token_id for c in choices]), minlength=V) / N
+
+
+def transformers_probs(params: SamplingParams, prompt_ids: list[int]) -> torch.Tensor:
+    """The same distribution from transformers' processors, in `generate`'s order."""
+    scores = fixed_logits()[None, :]
+    ids = torch.tensor([prompt_ids])
+    processors = [RepetitionPenaltyLogitsProcessor(params.repetition_penalty)]
+    processors += [TemperatureLogitsWarper(params.temperature)]
+    if params.top_k:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1:
+        processors.append(TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        processors.append(MinPLogitsWarper(params.min_p))
+    for processor in processors:
+        scores = processor(ids, scores)
+    return scores.softmax(-1)[0]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.6),
+        dict(temperature=1.7, top_k=5),
+        dict(top_p=0.8),
+        dict(temperature=0.8, top_k=10, top_p=0.7),
+        dict(min_p=0.1),
+        dict(temperature=1.3, top_k=12, top_p=0.95, min_p=0.05),
+        dict(repetition_penalty=1.8, top_k=8),
+        dict(repetition_penalty=0.5, temperature=0.9, top_p=0.9),
+    ],
+    ids=str,
+)
+def test_sampled_distribution_equals_transformers_processors(params):
+    sp = SamplingParams(do_sample=True, max_new_tokens=4, **params)
+    prompt = [int(i) for i in fixed_logits().topk(6).indices[::2]]  # some likely tokens seen
+    got = frequencies(sp, prompt)
+    expected = transformers_probs(sp, prompt)
+    assert (got - expected).abs().max().item() <= 1 / N + 1e-6
+    assert set(got.nonzero()[:, 0].tolist()) <= set(expected.nonzero()[:, 0].tolist())
+
+
+def _one(params: SamplingParams, logits: torch.Tensor, output_ids=()) -> list[int]:
+    """Chosen tokens of rows sharing one batch: row 0 under `params`, row 1 a greedy
+    bystander on the same logits."""
+    sampler = Sampler(2, V, torch.device("cpu"), EOS)
+    hostile = Sequence([1, 2, 3], params, Ids(), Uniform(0.37))
+    bystander = Sequence([4, 5], SamplingParams(max_new_tokens=9), Ids())
+    hostile.slot, bystander.slot = 0, 1
+    sampler.admit([hostile, bystander])
+    hostile.output_ids.extend(output_ids)
+    return [c.token_id for c in sampler.choose(logits.repeat(2, 1), [hostile, bystander])]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(do_sample=True, temperature=1e-39),
+        dict(do_sample=True, temperature=1e-300),
+        dict(do_sample=True, repetition_penalty=1e-300),
+        dict(repetition_penalty=1e-300),
+        dict(do_sample=True, temperature=100, min_new_tokens=5, top_p=1e-300),
+        dict(do_sample=True, repetition_penalty=100, presence_penalty=-2, frequency_penalty=-2),
+        dict(do_sample=True, min_p=1.0, top_k=10**9),
+    ],
+    ids=str,
+)
+def test_hostile_numbers_that_pass_validation_stay_in_their_row(params):
+    logits = fixed_logits()
+    logits[EOS] = 50.0  # EOS is the best token: min_new_tokens must suppress it
+    sp = SamplingParams(max_new_tokens=9, **params)
+    hostile, bystander = _one(sp, logits, output_ids=[1, 1, 7])
+    assert bystander == EOS  # greedy, untouched
+    assert 0 <= hostile < V
+    if sp.min_new_tokens:
+        assert hostile != EOS
+
+
+def test_a_temperature_below_1e_5_is_greedy():
+    params = SamplingParams(do_sample=True, temperature=1e-6, seed=3)
+    assert not params.do_sample and params.sampling_seed is None
+
+
+def test_non_finite_model_logits_mark_only_their_row_invalid():
+    sampler = Sampler(3, V, torch.device("cpu"), EOS)
+    seqs = [
+        Sequence([1], SamplingParams(do_sample=True, top_k=3), Ids(), Uniform(0.5)),
+        Sequence([1], SamplingParams(), Ids()),
+        Sequence([1], SamplingParams(logprobs=2), Ids()),
+    ]
+    for slot, seq in enumerate(seqs):
+        seq.slot = slot
+    logits = fixed_logits().repeat(3, 1)
+    logits[0, 4] = float("nan")
+    logits[2, 5] = float("inf")
+    choices = sampler.choose(logits, seqs)
+    assert [c.token_id for c in choices] == [INVALID, int(fixed_logits().argmax()), INVALID]
+    assert choices[2].logprob is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("temperature", 1e38, "temperature must be in (0, 100], got 1e+38"),
+        ("repetition_penalty", 1e3, "repetition_penalty must be in (0, 100], got 1000.0"),
+        ("min_p", 1.5, "min_p must be in [0, 1], got 1.5"),
+        ("min_p", math.nan, "min_p must be in [0, 1], got nan"),
+    ],
+)
+def test_upper_bounds_name_the_field_the_limit_and_the_value(field, value, message):
+    with pytest.raises(ParamError) as err:
+        SamplingParams(**{field: value})
+    assert (err.value.param, str(err.value)) == (field, message)
+
+
+# -- seeds on the engine ---------------------------------------------------------------
+
+PROMPTS = ["The quick brown fox", "Hello", "Once upon a time there was"]
+
+
+async def _ids(engine, prompt, params):
+    seq = engine.new_sequence(engine.tokenizer(prompt).input_ids, params)
+    return [e.token_id async for _, e in engine.stream([seq]) if isinstance(e, TokenEvent)]
+
+
+def test_a_seed_gives_the_same_tokens_alone_and_batched_with_every_parameter(engine):
+    every = SamplingParams(
+        max_new_tokens=40,
+        do_sample=True,
+        seed=2024,
+        temperature=0.9,
+        top_k=40,
+        top_p=0.92,
+        min_p=0.02,
+        repetition_penalty=1.3,
+        presence_penalty=0.4,
+        frequency_penalty=0.3,
+        min_new_tokens=10,
+    )
+    alone = run(_ids(engine, PROMPTS[0], every))
+
+    async def batched():
+        others = [
+            _ids(engine, PROMPTS[1], SamplingParams(max_new_tokens=30)),
+            _ids(engine, PROMPTS[2], SamplingParams(max_new_tokens=50, do_sample=True, seed=1)),
+            _ids(engine, PROMPTS[1], SamplingParams(max_new_tokens=20, repetition_penalty=2.0)),
+        ]
+        return await asyncio.gather(_ids(engine, PROMPTS[0], every), *others)
+
+    assert run(batched())[0] == alone
+    other = run(_ids(engine, PROMPTS[0], SamplingParams(**{**every.__dict__, "seed": 2025})))
+    assert other != alone
+
+
+def test_penalties_on_the_engine_equal_transformers_greedy(engine, tiny_model, tokenizer):
+    params = SamplingParams(max_new_tokens=60, repetition_penalty=1.5)
+    got = run(_ids(engine, PROMPTS[1], params))
+    ids = tokenizer(PROMPTS[1]).input_ids
+    assert got == hf_greedy(tiny_model, ids, 60, repetition_penalty=1.5)
