@@ -51,7 +51,7 @@ logger = logging.getLogger("bentoml.textgen")
 
 MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row after which the engine is dead
 WARM_UP_POSITIONS = 160  # the warm-up's long sequence crosses 128 positions
-NON_FINITE_LOGITS = "generation failed: the model's logits for this sequence are not finite"
+NON_FINITE_LOGITS = "generation failed: the model gave this sequence no finite logit to choose"
 
 
 class EngineOverloaded(Exception):
@@ -274,7 +274,11 @@ class Engine:
                 memory_utilization=self.settings.memory_utilization,
             )
             self.sampler = Sampler(
-                self.settings.max_batch_size, self.runner.vocab_size, device, self.eos_token_id
+                self.settings.max_batch_size,
+                self.runner.vocab_size,
+                device,
+                self.eos_token_id,
+                max_tokens=self.max_model_len,
             )
         except BaseException as exc:
             self._startup_error = exc

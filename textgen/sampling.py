@@ -14,10 +14,11 @@ Each sampling row draws one uniform number from its own request's generator
 and picks by inverse CDF, so a seed gives the same text whatever shares the
 batch. Token histories live in per-slot tensors, updated by one scatter a step.
 
-Numerically total: a row whose model logits are not finite (NaN, +inf) fails
-alone (token -1); penalties or temperatures that overflow are clamped in their
-own row (NaN -> -inf, +inf -> the largest float); a row left with no candidate
-falls back to the model's argmax. Nothing a row does can raise for the batch.
+Numerically total: a row whose model logits are not finite (NaN, +inf), or
+that is left with no candidate at all (its only finite logit is a suppressed
+EOS), fails alone (token INVALID); penalties or temperatures that overflow are
+clamped in their own row (NaN -> -inf, +inf -> the largest float). Nothing a
+row does can raise for the batch.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from textgen.params import SamplingParams
 from textgen.scheduler import Sequence
 
 INVALID = -1  # the token of a row whose model logits are not finite
+# Candidates taken for top-p without top-k; a row whose nucleus is wider sorts all.
+NUCLEUS_GUESS = 256
 
 
 @dataclass(frozen=True)
@@ -43,37 +47,49 @@ class Sampler:
     """Per-slot token histories for the penalties, and the batched choice."""
 
     def __init__(
-        self, num_slots: int, vocab_size: int, device: torch.device, eos_token_id: int | None
+        self,
+        num_slots: int,
+        vocab_size: int,
+        device: torch.device,
+        eos_token_id: int | None,
+        max_tokens: int = 1024,
     ) -> None:
         self.vocab_size = vocab_size
         self.device = device
         self.eos_token_id = eos_token_id
-        # Only penalized sequences keep these up to date; admission resets a slot.
+        # Token histories, per slot; only penalized sequences keep them, from admission.
+        # history[s, :n] holds the n prompt and output tokens of the sequence in slot s;
+        # output_counts[s, t] how often t was generated there.
+        self.history = torch.zeros((num_slots, max_tokens), dtype=torch.long, device=device)
         self.output_counts = torch.zeros((num_slots, vocab_size), device=device)  # (S, V)
-        self.in_prompt = torch.zeros((num_slots, vocab_size), dtype=torch.bool, device=device)
 
     def admit(self, seqs: Seq[Sequence]) -> None:
         """Starts the token histories of newly admitted sequences that need them."""
         for seq in seqs:
             if seq.params.penalized:
+                prompt = torch.tensor(seq.prompt_ids, device=self.device)
+                self.history[seq.slot, : len(seq.prompt_ids)] = prompt
                 self.output_counts[seq.slot].zero_()
-                self.in_prompt[seq.slot].zero_()
-                self.in_prompt[seq.slot, torch.tensor(seq.prompt_ids, device=self.device)] = True
 
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[Choice]:
         """logits: (B, V) float32, row i for seqs[i]. One Choice per sequence."""
-        valid = logits.amax(dim=-1).isfinite()  # (B,) NaN and +inf propagate to the max
         processed = self._process(logits, seqs)
-        tokens = processed.argmax(dim=-1)  # (B,) greedy rows, and the fallback
         sampling = [i for i, seq in enumerate(seqs) if seq.params.do_sample]
-        if sampling:
-            rows = torch.tensor(sampling, device=self.device)
-            drawn = self._sample(processed[rows], [seqs[i] for i in sampling])
-            tokens[rows] = drawn
-        # A row left with nothing to choose (all -inf) takes the model's own argmax.
-        empty = processed.amax(dim=-1) == float("-inf")
-        tokens = torch.where(empty, logits.argmax(dim=-1), tokens)
+        if processed is logits and not sampling:  # the common greedy batch: one pass
+            best, tokens = logits.max(dim=-1)  # (B,) each
+            valid = best.isfinite()  # NaN and +inf reach the max, and so does all -inf
+        else:
+            valid = logits.amax(dim=-1).isfinite()
+            if processed is not logits:  # and something is left to choose from
+                valid &= processed.amax(dim=-1) > float("-inf")
+            if len(sampling) == len(seqs):
+                tokens = self._sample(processed, list(seqs))
+            else:
+                tokens = processed.max(dim=-1).indices
+                if sampling:
+                    rows = torch.tensor(sampling, device=self.device)
+                    tokens[rows] = self._sample(processed[rows], [seqs[i] for i in sampling])
         tokens = torch.where(valid, tokens, INVALID)
         token_ids: list[int] = tokens.tolist()  # the step's one host synchronisation
         self._count(token_ids, seqs)
@@ -99,45 +115,84 @@ class Sampler:
         return processed
 
     def _penalize(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """(P, V) logits -> penalized logits, clamped finite or -inf."""
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        counts = self.output_counts[slots]  # (P, V)
-        generated = counts > 0
-        seen = generated | self.in_prompt[slots]
+        """(P, V) logits -> penalized logits, clamped finite or -inf. Works on the seen
+        tokens only: (P, N) for N the longest history, not (P, V)."""
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)[:, None]  # (P, 1)
+        lengths = torch.tensor([s.num_tokens for s in seqs], device=self.device)[:, None]
+        n = max(s.num_tokens for s in seqs)
+        seen = self.history[slots[:, 0], :n]  # (P, N) token ids
+        # Past a row's length, repeat its first token: gathered and written back alike.
+        seen = torch.where(torch.arange(n, device=self.device) < lengths, seen, seen[:, :1])
+        counts = self.output_counts[slots, seen]  # (P, N)
 
         def column(name: str) -> torch.Tensor:  # (P, 1)
-            return torch.tensor([getattr(s.params, name) for s in seqs], device=self.device)[
-                :, None
-            ]
+            values = [getattr(s.params, name) for s in seqs]
+            return torch.tensor(values, device=self.device)[:, None]
 
         rep = column("repetition_penalty")
-        x = torch.where(seen, torch.where(x < 0, x * rep, x / rep), x)
-        x = x - column("presence_penalty") * generated - column("frequency_penalty") * counts
-        return _finite(x)
+        scores = x.gather(1, seen)
+        scores = torch.where(scores < 0, scores * rep, scores / rep)
+        scores = scores - column("presence_penalty") * (counts > 0)
+        scores = scores - column("frequency_penalty") * counts
+        return x.scatter(1, seen, _finite(scores))
 
     def _sample(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """(R, V) processed logits of sampling rows -> (R,) drawn token ids."""
         temperature = torch.tensor([s.params.temperature for s in seqs], device=self.device)
-        x = x / temperature[:, None]
-        k = [s.params.top_k or self.vocab_size for s in seqs]
-        top_p = [s.params.top_p for s in seqs]
         u = torch.tensor([s.rng.random() for s in seqs], device=self.device)  # (R,)
-        if max(k) < self.vocab_size or min(top_p) < 1.0:
-            # Candidates best first: top-k of the widest k in the batch (a full sort
-            # only when some row has top_p without top_k).
-            width = min(max(k), self.vocab_size)
-            values, ids = x.topk(width, dim=-1) if width < self.vocab_size else x.sort(-1, True)
-            rank = torch.arange(width, device=self.device)
-            beyond_k = rank >= torch.tensor(k, device=self.device)[:, None]  # (R, K)
-            values = _finite(values.masked_fill(beyond_k, float("-inf")))
-            probs = values.softmax(dim=-1)  # (R, K) after top-k
-            mass_before = probs.cumsum(dim=-1) - probs
-            p = torch.tensor(top_p, device=self.device)[:, None]
-            probs = probs.masked_fill((mass_before >= p) & (rank > 0), 0)  # the best stays
-            probs = self._min_p(probs, seqs)
-            return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0]
-        probs = self._min_p(_finite(x).softmax(dim=-1), seqs)  # (R, V)
+        whole = [i for i, s in enumerate(seqs) if not self._truncates(s.params)]
+        if len(whole) == len(seqs):
+            return self._draw_whole(x, temperature[:, None], u, seqs)
+        if not whole:
+            return self._draw_candidates(x, temperature[:, None], u, seqs)
+        out = torch.empty(len(seqs), dtype=torch.long, device=self.device)
+        cut = [i for i in range(len(seqs)) if i not in set(whole)]
+        for group, draw in ((whole, self._draw_whole), (cut, self._draw_candidates)):
+            rows = torch.tensor(group, device=self.device)
+            out[rows] = draw(x[rows], temperature[rows, None], u[rows], [seqs[i] for i in group])
+        return out
+
+    def _truncates(self, params: SamplingParams) -> bool:
+        return 0 < params.top_k < self.vocab_size or params.top_p < 1.0
+
+    def _draw_whole(
+        self, x: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor, seqs: list[Sequence]
+    ) -> torch.Tensor:
+        """Rows with neither top-k nor top-p: (R, V) logits, (R, 1), (R,) -> (R,) ids."""
+        probs = self._min_p(_finite(x / temperature).softmax(dim=-1), seqs)  # (R, V)
         return _inverse_cdf(probs, u)
+
+    def _draw_candidates(
+        self, x: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor, seqs: list[Sequence]
+    ) -> torch.Tensor:
+        """Rows with top-k or top-p, over their best candidates only (no full sort unless a
+        nucleus is wider than NUCLEUS_GUESS): (R, V) logits, (R, 1), (R,) -> (R,) ids."""
+        vocab = self.vocab_size
+        k = [s.params.top_k if 0 < s.params.top_k < vocab else 0 for s in seqs]  # 0: none
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=self.device)[:, None]
+        nucleus_only = torch.tensor([kk == 0 for kk in k], device=self.device)[:, None]  # (R, 1)
+        width = min(vocab, max(max(k), NUCLEUS_GUESS if 0 in k else 0))
+        values, ids = x.topk(width, dim=-1)  # (R, K) best first
+        values = _finite(values / temperature)
+        # Top-p alone is measured against the whole distribution, top-p after top-k
+        # against the k survivors (as transformers applies them).
+        whole_norm = values[:, :1]  # (R, 1) unused unless a row has top-p alone
+        if 0 in k:
+            whole_norm = torch.logsumexp(_finite(x / temperature), dim=-1, keepdim=True)
+        if 0 in k and width < vocab:
+            mass = (values - whole_norm).exp().sum(dim=-1, keepdim=True)  # (R, 1)
+            if bool((nucleus_only & (mass < top_p)).any()):  # a wide nucleus: sort it all
+                values, ids = x.sort(dim=-1, descending=True)
+                values, width = _finite(values / temperature), vocab
+        rank = torch.arange(width, device=self.device)
+        k_tensor = torch.tensor([kk or width for kk in k], device=self.device)[:, None]
+        values = values.masked_fill(rank >= k_tensor, float("-inf"))
+        norm = torch.where(nucleus_only, whole_norm, values.logsumexp(dim=-1, keepdim=True))
+        probs = (values - norm).exp()  # (R, K)
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill((mass_before >= top_p) & (rank > 0), 0)  # the best stays
+        probs = self._min_p(probs, seqs)
+        return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0]
 
     def _min_p(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Drops tokens below min_p x the best token's probability (rows with min_p > 0)."""
@@ -150,14 +205,15 @@ class Sampler:
     def _count(self, token_ids: list[int], seqs: Seq[Sequence]) -> None:
         """Adds this step's tokens to the histories of penalized sequences."""
         rows = [
-            (seq.slot, t)
+            (seq.slot, seq.num_tokens, t)
             for seq, t in zip(seqs, token_ids, strict=True)
-            if seq.params.penalized and t != INVALID
+            if seq.params.penalized and t != INVALID and seq.num_tokens < self.history.shape[1]
         ]
         if rows:
-            index = torch.tensor(rows, device=self.device).T  # (2, P)
-            ones = torch.ones(index.shape[1], device=self.device)
-            self.output_counts.index_put_((index[0], index[1]), ones, accumulate=True)
+            slot, position, token = torch.tensor(rows, device=self.device).T  # each (P,)
+            self.history[slot, position] = token
+            ones = torch.ones(len(rows), device=self.device)
+            self.output_counts.index_put_((slot, token), ones, accumulate=True)
 
     def _choices(
         self, logits: torch.Tensor, token_ids: list[int], seqs: Seq[Sequence]
