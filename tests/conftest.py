@@ -127,11 +127,47 @@ class Server:
         self.url, self.proc, self.log = url, proc, log
 
 
-def start_server(home: Path, tag: str, log: Path, **env: str) -> Server:
+# A server log line with any of these fails the test that was running: an engine
+# that failed a step, or an unhandled exception in the app, is a defect even when
+# every response was 200. (BentoML logs a traceback with each 400 it answers, so
+# tracebacks alone are not the mark.)
+LOG_FAILURES = (
+    "engine step failed",
+    "engine stopped",
+    "engine thread died",
+    "Exception in ASGI application",
+)
+_watched: list[Server] = []  # servers whose logs must stay clean
+
+
+@pytest.fixture(autouse=True)
+def clean_server_logs() -> Iterator[None]:
+    """Fails a test during which a watched server logged a failure."""
+    offsets = {id(s): s.log.stat().st_size for s in _watched if s.log.exists()}
+    yield
+    for server in _watched:
+        if not server.log.exists():
+            continue
+        with server.log.open(errors="replace") as f:
+            f.seek(offsets.get(id(server), 0))
+            new = f.read()
+        bad = [line for line in new.splitlines() if any(m in line for m in LOG_FAILURES)]
+        assert not bad, f"{server.log} logged a failure:\n{new[-4000:]}"
+
+
+def start_server(
+    home: Path,
+    tag: str,
+    log: Path,
+    service: str = "service:TextGeneration",
+    failures_expected: bool = False,
+    **env: str,
+) -> Server:
     """`bentoml serve` on a free port, over the model store at `home`.
 
     Each server gets a BENTOML_HOME of its own (sharing the store's models):
-    BentoML keeps its Prometheus files there and clears them at start.
+    BentoML keeps its Prometheus files there and clears them at start. Its log
+    is watched (`clean_server_logs`) unless failures are what the test is about.
     """
     port = free_port()
     own_home = log.parent / f"bentoml_home_{port}"
@@ -146,7 +182,7 @@ def start_server(home: Path, tag: str, log: Path, **env: str) -> Server:
         **env,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port", str(port)],
+        [sys.executable, "-m", "bentoml", "serve", service, "--port", str(port)],
         cwd=ROOT,
         env=full_env,
         stdout=log.open("w"),
@@ -154,6 +190,8 @@ def start_server(home: Path, tag: str, log: Path, **env: str) -> Server:
         start_new_session=True,
     )
     server = Server(f"http://127.0.0.1:{port}", proc, log)
+    if not failures_expected:
+        _watched.append(server)
     if not wait_ready(server.url, 120, exited=lambda: proc.poll() is not None):
         stop_server(server)
         raise RuntimeError(f"bentoml serve was not ready in 120 s:\n{log.read_text()}")
@@ -189,5 +227,26 @@ def stop_server(server: Server) -> int:
 def server(model_store, tmp_path_factory) -> Iterator[Server]:
     home, tag = model_store
     srv = start_server(home, tag, tmp_path_factory.mktemp("logs") / "serve.log")
+    yield srv
+    stop_server(srv)
+
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="session")
+def guarded(model_store, tmp_path_factory):
+    """A server with an API key and small limits: 2 KV slots, 6 requests at once."""
+    home, tag = model_store
+    log = tmp_path_factory.mktemp("logs") / "guarded.log"
+    srv = start_server(
+        home,
+        tag,
+        log,
+        TEXTGEN_API_KEY=KEY,
+        TEXTGEN_MAX_BATCH_SIZE="2",
+        TEXTGEN_MAX_CONCURRENCY="6",
+        TEXTGEN_MAX_WAITING="2",
+    )
     yield srv
     stop_server(srv)

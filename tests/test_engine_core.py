@@ -89,6 +89,7 @@ def test_golden_long_outputs_with_arrivals_cancellations_and_more_requests_than_
         return await _tokens(eng, prompt, SamplingParams(max_new_tokens=n), cancel_after)
 
     try:
+
         async def all_of_them():
             return await asyncio.gather(*(one(*r) for r in requests))
 

@@ -14,9 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import KEY, start_server
 
-KEY = "s3cret-key"
 PROMPT = "Artificial Intelligence is a"
 ROUTES = [
     ("/generate", {"prompt": PROMPT, "max_new_tokens": 4}),
@@ -24,24 +23,6 @@ ROUTES = [
     ("/text-generation/generate", {"text": PROMPT}),
     ("/v1/completions", {"model": "gpt2", "prompt": PROMPT, "max_tokens": 4}),
 ]
-
-
-@pytest.fixture(scope="module")
-def guarded(model_store, tmp_path_factory):
-    """A server with an API key and small limits: 2 batch rows, 6 requests at once."""
-    home, tag = model_store
-    log = tmp_path_factory.mktemp("logs") / "guarded.log"
-    srv = start_server(
-        home,
-        tag,
-        log,
-        TEXTGEN_API_KEY=KEY,
-        TEXTGEN_MAX_BATCH_SIZE="2",
-        TEXTGEN_MAX_CONCURRENCY="6",
-        TEXTGEN_MAX_WAITING="2",
-    )
-    yield srv
-    stop_server(srv)
 
 
 def auth(key: str = KEY) -> dict[str, str]:

@@ -1,0 +1,98 @@
+"""The precisions users run: bfloat16 (the CPU default) and dynamic int8, through every
+route, and how far their greedy tokens agree with float32's on the same weights.
+
+Floors, on the tiny random model (its large random weights make it touchy; the
+note of the engine-core issue has the 124M figures): first tokens agree on at
+least 90% of the prompts in bf16 and 50% in int8; over 24 tokens the common
+prefix covers at least 50% (bf16) and 10% (int8) of the tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import start_server, stop_server
+
+PROMPTS = [
+    "The quick brown fox",
+    "Hello",
+    "Once upon a time there was",
+    "def fibonacci(n):",
+    "Artificial Intelligence is a",
+    "The capital of France is",
+    "Zürich, München, 東京 and",
+    "In a shocking finding, scientists discovered a herd of unicorns",
+    "To be or not to be",
+    "import numpy as np",
+    "My favourite colour is",
+    "1, 2, 3, 4,",
+    "Dear Sir or Madam,",
+    "The weather today",
+    "Breaking news:",
+    "She opened the door and",
+]
+FLOORS = {"bfloat16": (0.9, 0.5), "int8": (0.5, 0.1)}  # (first token, common prefix)
+ENV = {"bfloat16": {"TEXTGEN_DTYPE": "bfloat16"}, "int8": {"TEXTGEN_QUANTIZE": "int8"}}
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "int8"])
+def precise(request, model_store, tmp_path_factory):
+    home, tag = model_store
+    log = tmp_path_factory.mktemp("logs") / f"{request.param}.log"
+    srv = start_server(home, tag, log, **ENV[request.param])
+    yield request.param, srv
+    stop_server(srv)
+
+
+def greedy_tokens(url: str) -> list[list[str]]:
+    """24 greedy tokens per prompt (their strings), from one /v1 request."""
+    body = {"prompt": PROMPTS, "max_tokens": 24, "temperature": 0, "logprobs": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    return [c["logprobs"]["tokens"] for c in choices]
+
+
+def common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_greedy_tokens_agree_with_float32_above_the_floor(precise, server):
+    name, srv = precise
+    reference, got = greedy_tokens(server.url), greedy_tokens(srv.url)
+    pairs = list(zip(reference, got, strict=True))
+    first = sum(a[0] == b[0] for a, b in pairs) / len(pairs)
+    prefix = sum(common_prefix(a, b) for a, b in pairs) / sum(len(a) for a in reference)
+    print(f"{name}: first tokens agree on {first:.0%}, common prefixes cover {prefix:.0%}")
+    assert (first >= FLOORS[name][0], prefix >= FLOORS[name][1]) == (True, True), (
+        f"{name}: first tokens agree on {first:.0%}, common prefixes cover {prefix:.0%}"
+    )
+
+
+def test_every_route_serves(precise):
+    _, srv = precise
+    url, prompt = srv.url, PROMPTS[0]
+    r = httpx.post(f"{url}/generate", json={"prompt": prompt, "max_new_tokens": 8}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    body = {"prompt": prompt, "max_new_tokens": 8, "do_sample": True, "seed": 3, "top_k": 20}
+    with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line]
+    assert [set(e) for e in events[:-1]] == [{"token"}] * 8
+    assert events[-1]["finish_reason"] == "length" and events[-1]["seed"] == 3
+    r = httpx.post(f"{url}/text-generation/generate", json={"text": prompt}, timeout=60)
+    assert r.status_code == 200 and r.json()["input"] == prompt
+    body = {"prompt": [prompt, "Hello"], "max_tokens": 6, "n": 2, "temperature": 0.7, "seed": 1}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200
+    assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 4
+    body = {"prompt": prompt, "max_tokens": 6, "stream": True, "repetition_penalty": 1.3}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
