@@ -261,6 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--systems", nargs="+", choices=["bf16", "int8"], default=["bf16", "int8"])
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
     levels: list[Level] = []
@@ -274,6 +275,8 @@ def main() -> None:
             ("textgen int8", {"TEXTGEN_QUANTIZE": "int8"}),
         ]
         for i, (name, env) in enumerate(systems):
+            if name.split()[-1] not in args.systems:
+                continue
             port = 3901 + i
             levels += bench_system(
                 name,

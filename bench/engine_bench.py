@@ -25,7 +25,7 @@ async def run(engine: Engine, concurrency: int, new_tokens: int) -> float:
     params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
     async def one() -> None:
-        seq = engine.new_sequence(engine.encode(PROMPT, new_tokens), params)
+        seq = engine.new_sequence(engine.tokenize(PROMPT), params)
         async for _ in engine.stream([seq]):
             pass
 

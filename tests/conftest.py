@@ -64,7 +64,7 @@ def hf_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, **kw: Any)
 
 async def collect(engine: Engine, prompt: str, params: SamplingParams) -> tuple[list, Any]:
     """Runs one request on the engine; returns (token events, finish event)."""
-    seq = engine.new_sequence(engine.encode(prompt, params.max_new_tokens), params)
+    seq = engine.new_sequence(engine.tokenize(prompt), params)
     tokens, final = [], None
     async for _, event in engine.stream([seq]):
         if hasattr(event, "token_id"):

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from tests.conftest import collect, hf_greedy, make_engine, run
+from textgen.api import encode_prompt
 from textgen.params import ParamError, SamplingParams
 
 PROMPTS = [
@@ -143,7 +144,7 @@ def test_logprobs_are_the_models_log_softmax(engine, tiny_model, tokenizer):
 
 def test_context_overflow_names_the_prompt_tokens_the_request_and_the_limit(engine):
     with pytest.raises(ParamError) as err:
-        engine.encode("hello" + " hello" * 999, 100)
+        encode_prompt(engine, "hello" + " hello" * 999, 100)
     assert str(err.value) == (
         "prompt has 1000 tokens and max_new_tokens is 100: "
         "1100 exceeds the model's context of 1024 tokens"

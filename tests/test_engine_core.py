@@ -14,7 +14,13 @@ import time
 import pytest
 
 from tests.conftest import hf_greedy, make_engine, run
-from textgen.engine import MAX_CONSECUTIVE_FAILURES, NON_FINITE_LOGITS, EngineUnavailable
+from textgen.api import encode_prompt
+from textgen.engine import (
+    MAX_CONSECUTIVE_FAILURES,
+    NON_FINITE_LOGITS,
+    ContextOverflow,
+    EngineUnavailable,
+)
 from textgen.params import ParamError, SamplingParams
 from textgen.runner import CacheDoesNotFit
 from textgen.scheduler import TokenEvent
@@ -133,7 +139,9 @@ def test_max_model_len_bounds_the_context_and_the_cache(tiny_model, tokenizer):
     try:
         assert eng.runner.kv_cache.shape[4] == 200
         with pytest.raises(ParamError, match="exceeds the model's context of 200 tokens"):
-            eng.encode("Hello", 200)
+            encode_prompt(eng, "Hello", 200)
+        with pytest.raises(ContextOverflow):  # the engine refuses it too, in tokens
+            eng.new_sequence([15496], SamplingParams(max_new_tokens=200))
         tokens = run(_tokens(eng, "Hello", SamplingParams(max_new_tokens=199)))
         assert tokens == hf_greedy(tiny_model, tokenizer("Hello").input_ids, 199)
     finally:

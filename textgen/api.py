@@ -15,28 +15,62 @@ from bentoml import Context
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
-from textgen.params import ParamError
+from textgen.engine import (
+    ContextOverflow,
+    Engine,
+    EngineOverloaded,
+    EngineUnavailable,
+    EventStream,
+)
+from textgen.errors import error_response
+from textgen.params import ParamError, check_unicode
 from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
 from textgen.schemas import GenerateRequest, GenerateResponse, Usage
 
 T = TypeVar("T")
 
-RETRY_AFTER_SECONDS = 1
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    """The native routes' error body, the same shape as BentoML's validation errors."""
-    detail = [{"loc": [param] if param else [], "msg": message, "type": "invalid_value"}]
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 429 else None
-    return JSONResponse({"error": message, "detail": detail}, status_code=status, headers=headers)
+def encode_prompt(
+    engine: Engine,
+    prompt: str,
+    max_new_tokens: int,
+    field: str = "prompt",
+    budget_field: str = "max_new_tokens",
+) -> list[int]:
+    """Tokenizes a prompt, checking the wire limits and that it fits the context.
+
+    `field` and `budget_field` are the wire names of the prompt and of the
+    new-token budget, so the message speaks the client's vocabulary.
+    """
+    check_unicode(prompt, field)
+    budget_limit = engine.settings.max_new_tokens_limit
+    if max_new_tokens > budget_limit:
+        raise ParamError(
+            budget_field, f"{budget_field} must be <= {budget_limit}, got {max_new_tokens}"
+        )
+    limit = engine.settings.max_prompt_chars
+    if len(prompt) > limit:
+        raise ParamError(field, f"{field} has {len(prompt)} characters; the limit is {limit}")
+    ids = engine.tokenize(prompt)
+    if not ids:
+        raise ParamError(field, f"{field} must not be empty")
+    try:
+        engine.check_fits(len(ids), max_new_tokens)
+    except ContextOverflow as exc:
+        raise ParamError(
+            field,
+            f"{field} has {len(ids)} tokens and {budget_field} is {max_new_tokens}: "
+            f"{len(ids) + max_new_tokens} exceeds the model's context of {exc.limit} tokens",
+        ) from None
+    return ids
 
 
 def new_sequence(engine: Engine, request: GenerateRequest) -> Sequence:
     """The request's sequence, or ParamError naming what is wrong."""
     params = request.to_sampling_params()
-    return engine.new_sequence(engine.encode(request.prompt, params.max_new_tokens), params)
+    return engine.new_sequence(encode_prompt(engine, request.prompt, params.max_new_tokens), params)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:

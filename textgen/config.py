@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+MIN_MODEL_LEN = 16  # shorter contexts leave no room for a prompt and its answer
+
 
 class ConfigError(ValueError):
     """An environment variable holds a value the service cannot use."""
@@ -68,13 +70,19 @@ class Settings:
         if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
             raise ConfigError(f"TEXTGEN_DEVICE must be auto|cpu|cuda|cuda:N|mps, got {device!r}")
         max_batch_size = _env_int("TEXTGEN_MAX_BATCH_SIZE", 32, 1)
+        max_model_len = _env_int("TEXTGEN_MAX_MODEL_LEN", 0, 0)
+        if 0 < max_model_len < MIN_MODEL_LEN:
+            raise ConfigError(
+                f"TEXTGEN_MAX_MODEL_LEN must be 0 (the model's context) or >= {MIN_MODEL_LEN}, "
+                f"got {max_model_len}"
+            )
         return cls(
             model_tag=os.environ.get("TEXTGEN_MODEL", "").strip() or "gpt2:latest",
             device=device,
             dtype=_env_choice("TEXTGEN_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
             quantize=_env_choice("TEXTGEN_QUANTIZE", "none", ("none", "int8")),
             max_batch_size=max_batch_size,
-            max_model_len=_env_int("TEXTGEN_MAX_MODEL_LEN", 0, 0),
+            max_model_len=max_model_len,
             memory_utilization=_env_float("TEXTGEN_MEMORY_UTILIZATION", 0.9, 0.0, 1.0),
             engine_stall_seconds=_env_float("TEXTGEN_ENGINE_STALL_SECONDS", 60.0, 0.0, 1e9),
             max_waiting=_env_int("TEXTGEN_MAX_WAITING", 256, 0),

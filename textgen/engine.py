@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from textgen import metrics
 from textgen.config import Settings
 from textgen.devices import resolve_device, resolve_dtype
-from textgen.params import ParamError, SamplingParams, check_unicode
+from textgen.params import SamplingParams
 from textgen.runner import GPT2Runner
 from textgen.sampling import INVALID, Sampler
 from textgen.scheduler import (
@@ -60,6 +60,17 @@ class EngineOverloaded(Exception):
 
 class EngineUnavailable(Exception):
     """The engine is dead or wedged (the message says which); the service is unavailable."""
+
+
+class ContextOverflow(ValueError):
+    """A sequence would not fit the context: prompt tokens + new tokens > the limit."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
+        super().__init__(
+            f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the context "
+            f"of {limit} tokens"
+        )
+        self.prompt_tokens, self.max_new_tokens, self.limit = prompt_tokens, max_new_tokens, limit
 
 
 class EngineDead(Exception):
@@ -140,42 +151,20 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------
 
-    def encode(
-        self,
-        prompt: str,
-        max_new_tokens: int,
-        field: str = "prompt",
-        budget_field: str = "max_new_tokens",
-    ) -> list[int]:
-        """Tokenizes a prompt, checking the limits and that it fits the context.
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
 
-        `field` and `budget_field` are the wire names of the prompt and of the
-        new-token budget, so the message speaks the client's vocabulary.
-        """
-        check_unicode(prompt, field)
-        budget_limit = self.settings.max_new_tokens_limit
-        if max_new_tokens > budget_limit:
-            raise ParamError(
-                budget_field, f"{budget_field} must be <= {budget_limit}, got {max_new_tokens}"
-            )
-        limit = self.settings.max_prompt_chars
-        if len(prompt) > limit:
-            raise ParamError(field, f"{field} has {len(prompt)} characters; the limit is {limit}")
-        ids: list[int] = self.tokenizer(prompt).input_ids
-        if not ids:
-            raise ParamError(field, f"{field} must not be empty")
-        n_ctx = self.max_model_len
-        if len(ids) + max_new_tokens > n_ctx:
-            raise ParamError(
-                field,
-                f"{field} has {len(ids)} tokens and {budget_field} is {max_new_tokens}: "
-                f"{len(ids) + max_new_tokens} exceeds the model's context of {n_ctx} tokens",
-            )
-        return ids
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raises ContextOverflow unless the prompt and its new tokens fit one KV slot."""
+        if prompt_tokens + max_new_tokens > self.max_model_len:
+            raise ContextOverflow(prompt_tokens, max_new_tokens, self.max_model_len)
 
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """One request's sequence; sampling without a seed gets a random one (`seq.params.seed`
-        reports it back to the client)."""
+        reports it back to the client). Raises ContextOverflow when it would not fit."""
+        if not prompt_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        self.check_fits(len(prompt_ids), params.max_new_tokens)
         rng = None
         if params.do_sample:
             if params.seed is None:
@@ -212,7 +201,7 @@ class Engine:
         decoding together, one past 128 positions, a hole in the slots, then a reused slot.
         Raises if any of them did not finish normally."""
         started = time.perf_counter()
-        prompt = self.tokenizer("Warm up").input_ids
+        prompt = self.tokenize("Warm up")
         long_tokens = min(WARM_UP_POSITIONS, self.max_model_len) - len(prompt)
         short = SamplingParams(max_new_tokens=4, min_new_tokens=4)
         long = SamplingParams(max_new_tokens=long_tokens, min_new_tokens=long_tokens)

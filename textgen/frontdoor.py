@@ -13,9 +13,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from textgen import metrics
-from textgen.api import RETRY_AFTER_SECONDS, error_response
 from textgen.config import Settings
-from textgen.openai_api import OpenAIError
+from textgen.errors import RETRY_AFTER_SECONDS, OpenAIError, error_response
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -21,8 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from textgen.api import sse, until_disconnected
+from textgen.api import encode_prompt, sse, until_disconnected
 from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
+from textgen.errors import OpenAIError
 from textgen.params import MAX_LOGPROBS, ParamError, SamplingParams
 from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
 
@@ -31,33 +32,6 @@ FINISH_REASONS = {
     Status.FINISHED_STOP: "stop",
     Status.FINISHED_LENGTH: "length",
 }
-
-
-class OpenAIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.param, self.type, self.code = status, param, type_, code
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": str(self),
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 class StreamOptions(BaseModel):
@@ -225,7 +199,7 @@ class _Completion:
         self.seqs: list[Sequence] = []
         self.choices: list[_Choice] = []
         for prompt in req.prompts:
-            ids = engine.encode(prompt, req.max_tokens, budget_field="max_tokens")
+            ids = encode_prompt(engine, prompt, req.max_tokens, budget_field="max_tokens")
             for j in range(req.n):
                 self.seqs.append(engine.new_sequence(ids, req.to_sampling_params(j)))
                 self.choices.append(_Choice(len(self.choices), prompt if req.echo else ""))

@@ -1,0 +1,53 @@
+"""The two error shapes clients get, with no engine (and no torch) behind them.
+
+Native routes answer `{"error": message, "detail": [{"loc", "msg", "type"}]}`,
+the shape of BentoML's own validation errors; OpenAI routes answer
+`{"error": {"message", "type", "param", "code"}}`, so the official client raises
+the matching exception class. The FrontDoor uses both before any route runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+RETRY_AFTER_SECONDS = 1  # sent with 429 and 503: when a retry may succeed
+
+
+def _retry_after(status: int) -> dict[str, str] | None:
+    return {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else None
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    """The native routes' error body, the same shape as BentoML's validation errors."""
+    detail = [{"loc": [param] if param else [], "msg": message, "type": "invalid_value"}]
+    return JSONResponse(
+        {"error": message, "detail": detail}, status_code=status, headers=_retry_after(status)
+    )
+
+
+class OpenAIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.param, self.type, self.code = status, param, type_, code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=_retry_after(self.status))
