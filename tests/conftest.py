@@ -163,7 +163,23 @@ def start_server(
     failures_expected: bool = False,
     **env: str,
 ) -> Server:
-    """`bentoml serve` on a free port, over the model store at `home`.
+    """`bentoml serve` on a free port, over the model store at `home`, once ready."""
+    server = launch_server(home, tag, log, service, failures_expected, **env)
+    if not wait_ready(server.url, 120, exited=lambda: server.proc.poll() is not None):
+        stop_server(server)
+        raise RuntimeError(f"bentoml serve was not ready in 120 s:\n{log.read_text()}")
+    return server
+
+
+def launch_server(
+    home: Path,
+    tag: str,
+    log: Path,
+    service: str = "service:TextGeneration",
+    failures_expected: bool = False,
+    **env: str,
+) -> Server:
+    """`bentoml serve` on a free port, over the model store at `home`, not waiting.
 
     Each server gets a BENTOML_HOME of its own (sharing the store's models):
     BentoML keeps its Prometheus files there and clears them at start. Its log
@@ -192,9 +208,6 @@ def start_server(
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     if not failures_expected:
         _watched.append(server)
-    if not wait_ready(server.url, 120, exited=lambda: proc.poll() is not None):
-        stop_server(server)
-        raise RuntimeError(f"bentoml serve was not ready in 120 s:\n{log.read_text()}")
     return server
 
 

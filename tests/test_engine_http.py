@@ -4,16 +4,13 @@ a broken engine behind /readyz, a cache that does not fit, clients that leave ea
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import KEY, ROOT, free_port, start_server, stop_server, wait_ready
+from tests.conftest import KEY, launch_server, start_server, stop_server, wait_ready
 from tests.test_hardening import auth, metric
 
 PROMPT = "In a shocking finding, scientists discovered a herd of unicorns"
@@ -159,25 +156,9 @@ def test_a_kv_cache_that_does_not_fit_never_becomes_ready_and_says_why(model_sto
     # The worker refuses to start; outside a container BentoML's process manager
     # starts it again (inside one it does not), and each attempt says why.
     home, tag = model_store
-    own_home = tmp_path / "home"
-    own_home.mkdir()
-    (own_home / "models").symlink_to(home / "models")
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(own_home),
-        "TEXTGEN_MODEL": tag,
-        "TEXTGEN_DTYPE": "float32",
-        "TEXTGEN_MEMORY_UTILIZATION": "0.000001",
-    }
-    port = free_port()
     log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    srv = launch_server(
+        home, tag, log, failures_expected=True, TEXTGEN_MEMORY_UTILIZATION="0.000001"
     )
     try:
         expected = "the KV cache needs 0.03 GiB (32 slots x 1024 positions x 2 layers"
@@ -185,11 +166,9 @@ def test_a_kv_cache_that_does_not_fit_never_becomes_ready_and_says_why(model_sto
         while time.monotonic() < deadline and expected not in log.read_text():
             time.sleep(0.5)
         assert expected in log.read_text()
-        ready = wait_ready(f"http://127.0.0.1:{port}", 5, exited=lambda: proc.poll() is not None)
-        assert not ready
+        assert not wait_ready(srv.url, 5, exited=lambda: srv.proc.poll() is not None)
     finally:
-        os.killpg(proc.pid, 9)
-        proc.wait()
+        stop_server(srv)
 
 
 # -- clients that leave before their first event -----------------------------------
