@@ -36,6 +36,11 @@ class TextGeneration:
         openai_app.state.engine = self.engine
         self.engine.warm_up()
 
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        """After the server has drained: sequences still held end with an error event."""
+        self.engine.shutdown()
+
     async def __is_ready__(self) -> bool:
         """/readyz: 503 while the engine is dead or wedged (`Engine.health` says why)."""
         return self.engine.health() is None

@@ -8,10 +8,13 @@ finish and are cancelled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
 import pytest
+import torch
+from torch import nn
 
 from tests.conftest import hf_greedy, make_engine, run
 from textgen.api import encode_prompt
@@ -21,6 +24,7 @@ from textgen.engine import (
     ContextOverflow,
     EngineUnavailable,
 )
+from textgen.models import random_gpt2
 from textgen.params import ParamError, SamplingParams
 from textgen.runner import CacheDoesNotFit
 from textgen.scheduler import TokenEvent
@@ -318,8 +322,9 @@ def test_warm_up_raises_when_its_generation_fails(tiny_model, tokenizer):
 
     _patch_decode(eng, fail_once)
     try:
-        with pytest.raises(RuntimeError, match="warm-up generation ended error"):
+        with pytest.raises(RuntimeError) as err:
             eng.warm_up()
+        assert str(err.value) == "warm-up generation ended error: generation failed: boom"
         eng.warm_up()  # the engine went on; a clean warm-up passes
     finally:
         eng.shutdown()
@@ -336,7 +341,10 @@ def test_warm_up_crosses_128_positions_and_reuses_a_slot(tiny_model, tokenizer):
     try:
         eng.warm_up()
         assert max(p for p, _ in seen) >= 128
-        assert ([0, 1] in [s for _, s in seen]) and ([1] in [s for _, s in seen])
+        slots = [tuple(s) for _, s in seen]
+        # Both decode, the short one leaves a hole, then the reused slot 0 joins again.
+        first_hole = slots.index((1,))
+        assert slots[0] == (0, 1) and (0, 1) in slots[first_hole:]
         _assert_idle(eng)
     finally:
         eng.shutdown()
@@ -356,3 +364,95 @@ def test_shutdown_ends_every_held_sequence_with_an_error(tiny_model, tokenizer):
     assert (first.status.finish_reason, first.error) == ("error", "the engine has shut down")
     assert (second.error, tokens) == ("the engine has shut down", [])
     assert eng.health() == "the engine has shut down"
+
+
+def test_warm_up_runs_with_one_slot_and_no_waiting_room(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=1, max_waiting=0)
+    try:
+        eng.warm_up()
+        _assert_idle(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_a_nan_row_leaves_nothing_in_its_slot_for_the_next_occupant(tokenizer):
+    # One input token's embedding is NaN: a request made of it fails alone, and the
+    # innocent request that next takes its slot, beside a longer neighbour (which
+    # makes it attend over the old occupant's masked positions), is untouched.
+    model = random_gpt2(tiny=True)
+    model.lm_head.weight = nn.Parameter(model.transformer.wte.weight.detach().clone())  # untie
+    bad = 50000
+    with torch.no_grad():
+        model.transformer.wte.weight[bad] = float("nan")
+    eng = make_engine(model, tokenizer, max_batch_size=2)
+    try:
+
+        async def scenario():
+            long = asyncio.ensure_future(_final(eng, LONG, SamplingParams(max_new_tokens=800)))
+            await asyncio.sleep(0.05)
+            seq = eng.new_sequence([bad] * 60, SamplingParams(max_new_tokens=5))
+            poisoned = [e async for _, e in eng.stream([seq])]
+            innocent = await _final(eng, "Hello", SamplingParams(max_new_tokens=20))
+            assert not long.done()  # the neighbour ran throughout
+            return poisoned, innocent, await long
+
+        poisoned, (tokens, final), (_, long_final) = run(scenario())
+        assert poisoned[-1].error == NON_FINITE_LOGITS
+        assert (final.status.finish_reason, final.error) == ("length", None)
+        assert tokens == hf_greedy(model, tokenizer("Hello").input_ids, 20)
+        assert long_final.status.finish_reason == "length"
+    finally:
+        eng.shutdown()
+
+
+def test_a_failing_prefill_fails_only_the_new_sequences(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer)
+    prefill, calls = eng.runner.prefill, [0]
+
+    def second_fails(*args):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("out of memory")
+        return prefill(*args)
+
+    eng.runner.prefill = second_fails
+    try:
+
+        async def scenario():
+            running = asyncio.ensure_future(_final(eng, LONG, SamplingParams(max_new_tokens=60)))
+            await asyncio.sleep(0.05)
+            new = await _final(eng, OTHER, SamplingParams(max_new_tokens=5))
+            return new, await running
+
+        (new_tokens, new_final), (tokens, final) = run(scenario())
+        assert (new_tokens, new_final.error) == ([], "generation failed: out of memory")
+        assert final.status.finish_reason == "length"
+        assert tokens == hf_greedy(tiny_model, tokenizer(LONG).input_ids, 60)
+        assert eng.health() is None
+        _assert_idle(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_a_failure_counting_a_request_does_not_cost_its_client_the_events(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer)
+    real, calls = eng.metrics.requests, [0]
+
+    class Flaky:
+        def labels(self, *labels):
+            calls[0] += 1
+            if calls[0] == 1:
+                raise OSError("metrics file: no space left on device")
+            return real.labels(*labels)
+
+    eng.metrics = dataclasses.replace(eng.metrics, requests=Flaky())
+    try:
+
+        async def one():
+            return await asyncio.wait_for(_final(eng, OTHER, SamplingParams(max_new_tokens=3)), 5)
+
+        tokens, final = run(one())
+        assert (len(tokens), final.status.finish_reason) == (3, "length")
+        _assert_idle(eng)
+    finally:
+        eng.shutdown()

@@ -16,7 +16,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from tests.conftest import hf_greedy, run
+from tests.conftest import hf_greedy, make_engine, run
+from textgen.models import random_gpt2
 from textgen.params import ParamError, SamplingParams
 from textgen.sampling import INVALID, Sampler
 from textgen.scheduler import Sequence, TokenEvent
@@ -46,9 +47,12 @@ def fixed_logits() -> torch.Tensor:
     return torch.randn(V) * 2.5  # (V,)
 
 
-def frequencies(params: SamplingParams, prompt_ids: list[int]) -> torch.Tensor:
+def frequencies(
+    params: SamplingParams, prompt_ids: list[int], logits: torch.Tensor | None = None
+) -> torch.Tensor:
     """How often each token is chosen over N evenly spaced uniform draws: the sampler's
     distribution to within 1/N."""
+    logits = fixed_logits() if logits is None else logits
     sampler = Sampler(N, V, torch.device("cpu"), EOS)
     seqs = []
     for slot in range(N):
@@ -56,13 +60,15 @@ def frequencies(params: SamplingParams, prompt_ids: list[int]) -> torch.Tensor:
         seq.slot = slot
         seqs.append(seq)
     sampler.admit(seqs)
-    choices = sampler.choose(fixed_logits().repeat(N, 1), seqs)
+    choices = sampler.choose(logits.repeat(N, 1), seqs)
     return torch.bincount(torch.tensor([c.token_id for c in choices]), minlength=V) / N
 
 
-def transformers_probs(params: SamplingParams, prompt_ids: list[int]) -> torch.Tensor:
+def transformers_probs(
+    params: SamplingParams, prompt_ids: list[int], logits: torch.Tensor | None = None
+) -> torch.Tensor:
     """The same distribution from transformers' processors, in `generate`'s order."""
-    scores = fixed_logits()[None, :]
+    scores = (fixed_logits() if logits is None else logits)[None, :]
     ids = torch.tensor([prompt_ids])
     processors = [RepetitionPenaltyLogitsProcessor(params.repetition_penalty)]
     processors += [TemperatureLogitsWarper(params.temperature)]
@@ -99,6 +105,59 @@ def test_sampled_distribution_equals_transformers_processors(params):
     expected = transformers_probs(sp, prompt)
     assert (got - expected).abs().max().item() <= 1 / N + 1e-6
     assert set(got.nonzero()[:, 0].tolist()) <= set(expected.nonzero()[:, 0].tolist())
+
+
+def test_top_k_keeps_the_tokens_tied_with_the_kth_as_transformers_does():
+    logits = torch.tensor([4.0, 3.5, 3.5, 3.0, 3.0, 3.0, 3.0, 2.0] + [0.0] * (V - 8))
+    sp = SamplingParams(do_sample=True, top_k=4)
+    got, expected = frequencies(sp, [0], logits), transformers_probs(sp, [0], logits)
+    assert (got > 0).sum() == (expected > 0).sum() == 7
+    assert (got - expected).abs().max().item() <= 1 / N + 1e-6
+
+
+BF16_LOGITS = (torch.randn(50257, generator=torch.Generator().manual_seed(0)) * 3 - 100).bfloat16()
+
+
+@pytest.mark.parametrize(
+    ("mine", "other"),
+    [
+        (dict(top_k=50), dict(top_k=300)),
+        (dict(top_p=0.5), dict(top_p=0.999)),
+        (dict(top_k=50, top_p=0.8), dict(top_p=0.95, min_p=0.01)),
+    ],
+    ids=str,
+)
+def test_a_seed_draws_the_same_token_alone_and_batched_on_tied_bf16_logits(mine, other):
+    # bfloat16 logits tie often; how many candidates a row takes, and their order,
+    # must not depend on its neighbours.
+    logits = BF16_LOGITS.float()
+
+    def pick(seed: int, neighbour: SamplingParams | None) -> int:
+        sampler = Sampler(2, 50257, torch.device("cpu"), None)
+        seqs = [Sequence([1], SamplingParams(do_sample=True, **mine), Ids(), Uniform(seed / 41))]
+        if neighbour is not None:
+            seqs.append(Sequence([1], neighbour, Ids(), Uniform(0.5)))
+        for slot, seq in enumerate(seqs):
+            seq.slot = slot
+        return sampler.choose(logits.repeat(len(seqs), 1), seqs)[0].token_id
+
+    neighbour = SamplingParams(do_sample=True, **other)
+    assert [pick(s, None) for s in range(40)] == [pick(s, neighbour) for s in range(40)]
+
+
+def test_a_seed_gives_the_same_text_alone_and_batched_in_bfloat16(tokenizer):
+    eng = make_engine(random_gpt2(tiny=True), tokenizer, dtype="bfloat16")  # its own copy
+    mine = SamplingParams(max_new_tokens=40, do_sample=True, seed=7, top_k=50)
+    try:
+        alone = run(_ids(eng, PROMPTS[0], mine))
+
+        async def batched():
+            other = SamplingParams(max_new_tokens=60, do_sample=True, seed=1, top_k=300)
+            return await asyncio.gather(_ids(eng, PROMPTS[0], mine), _ids(eng, "Hello", other))
+
+        assert run(batched())[0] == alone
+    finally:
+        eng.shutdown()
 
 
 def _one(params: SamplingParams, logits: torch.Tensor, output_ids=()) -> list[int]:

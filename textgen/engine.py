@@ -50,8 +50,13 @@ logger = logging.getLogger("bentoml.textgen")
 
 
 MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row after which the engine is dead
-WARM_UP_POSITIONS = 160  # the warm-up's long sequence crosses 128 positions
-NON_FINITE_LOGITS = "generation failed: the model gave this sequence no finite logit to choose"
+# The warm-up's long sequence: past 128 positions, where attention kernels and the
+# first release's cache changed shape.
+WARM_UP_POSITIONS = 160
+NON_FINITE_LOGITS = (
+    "generation failed: no token could be chosen (the model's logits for this sequence are "
+    "not finite, or only a suppressed EOS is)"
+)
 
 
 class EngineOverloaded(Exception):
@@ -206,19 +211,15 @@ class Engine:
         short = SamplingParams(max_new_tokens=4, min_new_tokens=4)
         long = SamplingParams(max_new_tokens=long_tokens, min_new_tokens=long_tokens)
         first = [self.new_sequence(prompt, short), self.new_sequence(prompt, long)]
-        self.scheduler.submit(first)
+        self.scheduler.submit(first, beyond_limit=True)
         self._wait_finished(first[:1])
         reused = [self.new_sequence(prompt, short)]  # takes the first one's slot
-        self.scheduler.submit(reused)
+        self.scheduler.submit(reused, beyond_limit=True)
         self._wait_finished(first + reused)
         for seq in first + reused:
             if seq.status is not Status.FINISHED_LENGTH:
-                raise RuntimeError(
-                    f"warm-up generation ended {seq.status.finish_reason}: "
-                    f"{seq.events[-1].error if seq.events else 'no error given'}"
-                    if seq.status is Status.FAILED
-                    else f"warm-up generation ended {seq.status.finish_reason}"
-                )
+                detail = f": {seq.error}" if seq.error else ""
+                raise RuntimeError(f"warm-up generation ended {seq.status.finish_reason}{detail}")
         logger.info("warm-up took %.2fs", time.perf_counter() - started)
 
     def _wait_finished(self, seqs: list[Sequence]) -> None:
@@ -314,7 +315,9 @@ class Engine:
             len(self.scheduler.running),
         )
         self.metrics.step_failures.inc()
-        self._deliver(self.scheduler.fail_running(f"generation failed: {exc}"))
+        failed = self.scheduler.fail_running(f"generation failed: {exc}")
+        self.runner.clear_slots()  # whatever the step left half-written, nobody reads
+        self._deliver(failed)
 
     def _die(self, reason: str) -> None:
         """The engine stops for good: new requests are refused, held ones fail."""
@@ -345,23 +348,38 @@ class Engine:
             )
             self._append(decoding, logits)
         if admitted:
-            logits = self.runner.prefill(
-                [s.prompt_ids for s in admitted], [s.slot for s in admitted]
-            )
-            self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
-            self.sampler.admit(admitted)
-            self._append(admitted, logits)
+            try:
+                self._prefill(admitted)
+            except Exception as exc:
+                if not decoding:
+                    raise  # nothing else ran: the loop counts it as a failed step
+                # The decoded sequences are whole; only the new ones fail.
+                logger.exception("engine step failed in prefill; failing %d new", len(admitted))
+                self.metrics.step_failures.inc()
+                for seq in admitted:
+                    seq.finish(Status.FAILED, error=f"generation failed: {exc}")
+                self.runner.clear_slots([s.slot for s in admitted])
         self._deliver(self.scheduler.running)
         return bool(decoding) or any(
             s.status.finished and s.status is not Status.FAILED for s in admitted
         )
 
+    def _prefill(self, admitted: list[Sequence]) -> None:
+        logits = self.runner.prefill([s.prompt_ids for s in admitted], [s.slot for s in admitted])
+        self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
+        self.sampler.admit(admitted)
+        self._append(admitted, logits)
+
     def _append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         choices = self.sampler.choose(logits, seqs)
         now = time.perf_counter()
+        generated = 0
         for seq, choice in zip(seqs, choices, strict=True):
             if choice.token_id == INVALID:
                 seq.finish(Status.FAILED, error=NON_FINITE_LOGITS)
+                # Its keys and values may be NaN: a later, shorter occupant would attend
+                # over them masked, and a masked NaN still makes NaN (0 x NaN).
+                self.runner.clear_slots([seq.slot])
                 continue
             if seq.last_token_time is None:
                 self.metrics.time_to_first_token.observe(now - seq.arrival_time)
@@ -371,7 +389,8 @@ class Engine:
             seq.append_token(
                 choice.token_id, self.eos_token_id, choice.logprob, choice.top_logprobs
             )
-        self.metrics.generated_tokens.inc(len(seqs))
+            generated += 1
+        self.metrics.generated_tokens.inc(generated)
 
     def _deliver(self, seqs: list[Sequence]) -> None:
         """Hands these sequences' new events to their event loops, one call per loop."""
@@ -384,8 +403,11 @@ class Engine:
             batch = batches.setdefault(sink.loop, [])
             batch.extend((sink.queue, seq.request_id, e) for e in events)
             if seq.status.finished:  # its FinishEvent is in this batch: the last one
-                self.metrics.requests.labels(sink.label, seq.status.finish_reason).inc()
                 del self._sinks[seq.request_id]
+                try:  # a metrics failure must not cost a client its events
+                    self.metrics.requests.labels(sink.label, seq.status.finish_reason).inc()
+                except Exception:
+                    logger.exception("counting a finished request failed")
         for loop, batch in batches.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: its clients are gone
                 loop.call_soon_threadsafe(_put_all, batch)

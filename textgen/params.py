@@ -60,7 +60,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: subtracted once from each generated token's logit
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
     stop: tuple[str, ...] = ()  # stop sequences matched on decoded text, not returned
-    seed: int | None = None  # seeds the request's own torch.Generator when sampling
+    seed: int | None = None  # seeds the request's own random.Random when sampling
     ignore_eos: bool = False  # keep generating past EOS until max_new_tokens
     logprobs: int | None = None  # None: none; k: chosen token's logprob and k alternatives
 

@@ -51,8 +51,9 @@ class GPT2Runner:
         n_ctx: int | None = None,
         memory_utilization: float = 0.9,
     ) -> None:
-        """`n_ctx`: positions per slot (default: the model's); `memory_utilization`: the share
-        of the memory available after loading the weights that the KV cache may take."""
+        """Takes `model` over (converts it in place to the device and dtype). `n_ctx`:
+        positions per slot (default: the model's); `memory_utilization`: the share of the
+        memory available after loading the weights that the KV cache may take."""
         config = model.config
         if config.model_type != "gpt2":
             raise ValueError(f"the engine serves GPT-2 architectures, got {config.model_type!r}")
@@ -91,8 +92,9 @@ class GPT2Runner:
             )
             for h in transformer.h
         ]
-        # Per layer, keys and values: (S, H, T, D). One allocation, zero-filled, so
-        # the positions a mask hides hold finite numbers (0 x NaN would leak).
+        # Per layer, keys and values: (S, H, T, D). One allocation, zero-filled: a
+        # position a mask hides must hold a finite number (0 x NaN is NaN), so a slot
+        # that may hold NaN is cleared before reuse (`clear_slots`).
         shape = (len(self.blocks), 2, max_batch_size, self.n_head, self.n_ctx, self.head_dim)
         needed = math.prod(shape) * self.cache_dtype.itemsize
         available = available_memory(device)
@@ -107,6 +109,13 @@ class GPT2Runner:
             )
         self.kv_cache = torch.zeros(shape, device=device, dtype=self.cache_dtype)
         self.kv_cache_bytes = needed
+
+    def clear_slots(self, slots: list[int] | None = None) -> None:
+        """Zeroes the given slots' keys and values (every slot when None)."""
+        if slots is None:
+            self.kv_cache.zero_()
+        else:
+            self.kv_cache[:, :, torch.tensor(slots, device=self.device)] = 0
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:

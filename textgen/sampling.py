@@ -34,6 +34,7 @@ from textgen.scheduler import Sequence
 INVALID = -1  # the token of a row whose model logits are not finite
 # Candidates taken for top-p without top-k; a row whose nucleus is wider sorts all.
 NUCLEUS_GUESS = 256
+TIE_ROOM = 16  # candidates beyond top_k, so that ties with the k-th one stay
 
 
 @dataclass(frozen=True)
@@ -165,34 +166,69 @@ class Sampler:
     def _draw_candidates(
         self, x: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor, seqs: list[Sequence]
     ) -> torch.Tensor:
-        """Rows with top-k or top-p, over their best candidates only (no full sort unless a
-        nucleus is wider than NUCLEUS_GUESS): (R, V) logits, (R, 1), (R,) -> (R,) ids."""
+        """Rows with top-k or top-p: (R, V) logits, (R, 1), (R,) -> (R,) ids.
+
+        Each row draws from its own best candidates, and how many it takes depends on
+        that row alone: rows are grouped by their width, one topk per group. So a seed
+        draws the same token alone or batched, even where logits tie (bfloat16).
+        """
+        out = torch.empty(len(seqs), dtype=torch.long, device=self.device)
+        groups: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            groups.setdefault(self._width(seq.params), []).append(i)
+        while groups:
+            width, group = groups.popitem()
+            rows = torch.tensor(group, device=self.device)
+            tokens, too_narrow = self._draw_group(
+                x[rows], temperature[rows], u[rows], [seqs[i] for i in group], width
+            )
+            out[rows] = tokens
+            if width < self.vocab_size and bool(too_narrow.any()):  # a rare host sync
+                wider = [i for i, short in zip(group, too_narrow.tolist(), strict=True) if short]
+                groups.setdefault(self.vocab_size, []).extend(wider)
+        return out
+
+    def _width(self, params: SamplingParams) -> int:
+        """Candidates a row takes: its top_k and room for ties, else NUCLEUS_GUESS."""
+        if 0 < params.top_k < self.vocab_size:
+            return min(self.vocab_size, params.top_k + TIE_ROOM)
+        return min(self.vocab_size, NUCLEUS_GUESS)
+
+    def _draw_group(
+        self,
+        x: torch.Tensor,
+        temperature: torch.Tensor,
+        u: torch.Tensor,
+        seqs: list[Sequence],
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, V) logits, (G, 1), (G,) -> (G,) ids, and (G,) whether a row's nucleus is
+        wider than its `width` candidates (top-p alone only; draw it again wider)."""
         vocab = self.vocab_size
-        k = [s.params.top_k if 0 < s.params.top_k < vocab else 0 for s in seqs]  # 0: none
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=self.device)[:, None]
-        nucleus_only = torch.tensor([kk == 0 for kk in k], device=self.device)[:, None]  # (R, 1)
-        width = min(vocab, max(max(k), NUCLEUS_GUESS if 0 in k else 0))
-        values, ids = x.topk(width, dim=-1)  # (R, K) best first
+        if width < vocab:
+            values, ids = x.topk(width, dim=-1)  # (G, W) best first
+        else:
+            values, ids = x.sort(dim=-1, descending=True, stable=True)
         values = _finite(values / temperature)
-        # Top-p alone is measured against the whole distribution, top-p after top-k
-        # against the k survivors (as transformers applies them).
-        whole_norm = values[:, :1]  # (R, 1) unused unless a row has top-p alone
-        if 0 in k:
-            whole_norm = torch.logsumexp(_finite(x / temperature), dim=-1, keepdim=True)
+        k = [s.params.top_k if 0 < s.params.top_k < vocab else 0 for s in seqs]  # 0: none
+        # Top-k keeps the candidates tied with the k-th, as transformers does.
+        kth = torch.tensor([kk - 1 if kk else width - 1 for kk in k], device=self.device)
+        values = values.masked_fill(values < values.gather(1, kth[:, None]), float("-inf"))
+        # Top-p after top-k is measured against the survivors, top-p alone against the
+        # whole distribution (as transformers applies them).
+        nucleus_only = torch.tensor([kk == 0 for kk in k], device=self.device)[:, None]
+        norm = values.logsumexp(dim=-1, keepdim=True)  # (G, 1)
         if 0 in k and width < vocab:
-            mass = (values - whole_norm).exp().sum(dim=-1, keepdim=True)  # (R, 1)
-            if bool((nucleus_only & (mass < top_p)).any()):  # a wide nucleus: sort it all
-                values, ids = x.sort(dim=-1, descending=True)
-                values, width = _finite(values / temperature), vocab
-        rank = torch.arange(width, device=self.device)
-        k_tensor = torch.tensor([kk or width for kk in k], device=self.device)[:, None]
-        values = values.masked_fill(rank >= k_tensor, float("-inf"))
-        norm = torch.where(nucleus_only, whole_norm, values.logsumexp(dim=-1, keepdim=True))
-        probs = (values - norm).exp()  # (R, K)
+            whole = torch.logsumexp(_finite(x / temperature), dim=-1, keepdim=True)
+            norm = torch.where(nucleus_only, whole, norm)
+        probs = (values - norm).exp()  # (G, W)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=self.device)[:, None]
+        too_narrow = (nucleus_only & (probs.sum(dim=-1, keepdim=True) < top_p))[:, 0]
         mass_before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill((mass_before >= top_p) & (rank > 0), 0)  # the best stays
-        probs = self._min_p(probs, seqs)
-        return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0]
+        rank = torch.arange(width, device=self.device)
+        cut = (mass_before >= top_p) & (top_p < 1) & (rank > 0)  # the best always stays
+        probs = self._min_p(probs.masked_fill(cut, 0), seqs)
+        return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0], too_narrow
 
     def _min_p(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Drops tokens below min_p x the best token's probability (rows with min_p > 0)."""

@@ -84,6 +84,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     last_token_time: float | None = None  # perf_counter() of the latest token
     events: list[Event] = field(default_factory=list)  # drained by the engine after each step
+    error: str | None = None  # why it failed, once it has
 
     def __post_init__(self) -> None:
         self._detokenizer = Detokenizer(self.decoder)
@@ -132,7 +133,7 @@ class Sequence:
     def finish(self, status: Status, error: str | None = None) -> None:
         if self.status.finished:
             return
-        self.status = status
+        self.status, self.error = status, error
         self.events.append(
             FinishEvent(status, self.text, len(self.prompt_ids), len(self.output_ids), error)
         )
@@ -172,14 +173,14 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, seqs: list[Sequence]) -> None:
-        """Queues sequences for admission, all or none."""
+    def submit(self, seqs: list[Sequence], beyond_limit: bool = False) -> None:
+        """Queues sequences for admission, all or none; `beyond_limit` (the engine's own
+        warm-up) ignores the waiting limit."""
         with self._lock:
             if self._closed is not None:
                 raise Closed(self._closed)
-            if len(self._waiting) + len(seqs) > self.max_waiting + self.max_batch_size - len(
-                self.running
-            ):
+            room = self.max_waiting + self.max_batch_size - len(self.running)
+            if not beyond_limit and len(self._waiting) + len(seqs) > room:
                 raise QueueFull(
                     f"{len(self._waiting)} requests are waiting (limit {self.max_waiting})"
                 )
