@@ -456,3 +456,29 @@ def test_a_failure_counting_a_request_does_not_cost_its_client_the_events(tiny_m
         _assert_idle(eng)
     finally:
         eng.shutdown()
+
+
+def test_a_failed_step_on_a_broken_device_still_ends_every_request(tiny_model, tokenizer):
+    # A sticky device error (CUDA after a device-side assert): the step fails, and so
+    # does clearing the cache afterwards. Clients get their error; the engine is dead.
+    eng = make_engine(tiny_model, tokenizer)
+
+    def sticky(*args):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    eng.runner.decode = eng.runner.clear_slots = sticky
+    try:
+
+        async def one():
+            return await asyncio.wait_for(_final(eng, OTHER, SamplingParams(max_new_tokens=5)), 5)
+
+        _, final = run(one())
+        assert final.error == "generation failed: CUDA error: device-side assert triggered"
+        eng._thread.join(timeout=5)
+        assert eng.health() == (
+            "clearing the KV cache after a failed step failed: "
+            "CUDA error: device-side assert triggered"
+        )
+        assert eng._sinks == {}
+    finally:
+        eng.shutdown()

@@ -22,7 +22,7 @@ from textgen.params import ParamError, SamplingParams
 from textgen.sampling import INVALID, Sampler
 from textgen.scheduler import Sequence, TokenEvent
 
-V = 24  # a small vocabulary keeps the expected distributions readable
+V = 64  # a small vocabulary keeps the expected distributions readable
 EOS = V - 1
 N = 4000  # rows of one batch, one per uniform draw
 
@@ -112,6 +112,15 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth_as_transformers_does():
     sp = SamplingParams(do_sample=True, top_k=4)
     got, expected = frequencies(sp, [0], logits), transformers_probs(sp, [0], logits)
     assert (got > 0).sum() == (expected > 0).sum() == 7
+    assert (got - expected).abs().max().item() <= 1 / N + 1e-6
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_even_past_its_candidates():
+    # 40 tokens tie with the 2nd value; on bf16 logits (the CPU default) such runs are common.
+    logits = torch.tensor([5.0] + [3.0] * 40 + [0.0] * (V - 41))
+    sp = SamplingParams(do_sample=True, top_k=2)
+    got, expected = frequencies(sp, [0], logits), transformers_probs(sp, [0], logits)
+    assert (got > 0).sum() == (expected > 0).sum() == 41
     assert (got - expected).abs().max().item() <= 1 / N + 1e-6
 
 

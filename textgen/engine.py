@@ -5,13 +5,15 @@ events; the engine thread loops `step()`: retire finished sequences, admit
 waiting ones (prefilled together), decode one token for every running
 sequence, then hand the step's events to the event loops.
 
-NOTE (failure): a step either completes for every sequence or fails every
-running one. A failed step delivers an error event to each running sequence,
-frees every slot and goes on from that empty batch; after
-MAX_CONSECUTIVE_FAILURES in a row, or if the thread itself ends, the engine is
+NOTE (failure): a step either completes for every sequence or fails those it
+must. A row whose logits are not finite fails alone; a prefill that fails in a
+step that also decoded fails only the new sequences; any other exception fails
+every running sequence with a delivered error event, frees every slot, clears
+the cache and goes on from that empty batch. After MAX_CONSECUTIVE_FAILURES
+with no progress between them, or if the thread itself ends, the engine is
 dead: everything it holds fails, new requests are refused (EngineUnavailable)
-and `health()` says why. A single row's trouble (non-finite logits) fails that
-row alone.
+and `health()` says why. (With dynamic int8 the rows share one activation
+scale per layer, so a NaN row fails its whole step instead of alone.)
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[tuple[int, Event]]
     label: str  # the requests metric's `route` label, chosen by the API layer
+    seq: Sequence
 
 
 class Engine:
@@ -190,7 +193,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         for seq in seqs:
-            self._sinks[seq.request_id] = _Sink(loop, queue, label)
+            self._sinks[seq.request_id] = _Sink(loop, queue, label, seq)
         try:
             self.scheduler.submit(seqs)
         except (QueueFull, Closed) as exc:
@@ -314,17 +317,26 @@ class Engine:
             failures,
             len(self.scheduler.running),
         )
+        self._deliver(self.scheduler.fail_running(f"generation failed: {exc}"))
         self.metrics.step_failures.inc()
-        failed = self.scheduler.fail_running(f"generation failed: {exc}")
-        self.runner.clear_slots()  # whatever the step left half-written, nobody reads
-        self._deliver(failed)
+        try:
+            self.runner.clear_slots()  # whatever the step left half-written, nobody reads
+        except Exception as clear_exc:  # the device itself is broken (a sticky CUDA error)
+            raise EngineDead(
+                f"clearing the KV cache after a failed step failed: {clear_exc}"
+            ) from clear_exc
 
     def _die(self, reason: str) -> None:
-        """The engine stops for good: new requests are refused, held ones fail."""
+        """The engine stops for good: new requests are refused, held ones fail, and every
+        client still waiting gets its events, whatever path lost them."""
         self._dead = reason
         if not self._stopping.is_set():
             logger.error("engine stopped: %s", reason)
         self._deliver(self.scheduler.close(reason))
+        orphans = [sink.seq for sink in list(self._sinks.values())]
+        for seq in orphans:
+            seq.finish(Status.FAILED, error=reason)  # no-op when its finish event is pending
+        self._deliver(orphans)
 
     def step(self) -> bool:
         """Retire, admit (prefill), decode one token per running sequence, deliver.

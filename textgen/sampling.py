@@ -34,7 +34,7 @@ from textgen.scheduler import Sequence
 INVALID = -1  # the token of a row whose model logits are not finite
 # Candidates taken for top-p without top-k; a row whose nucleus is wider sorts all.
 NUCLEUS_GUESS = 256
-TIE_ROOM = 16  # candidates beyond top_k, so that ties with the k-th one stay
+TIE_ROOM = 64  # candidates beyond top_k for ties with the k-th (bf16 logits tie often)
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class Sampler:
                 x[rows], temperature[rows], u[rows], [seqs[i] for i in group], width
             )
             out[rows] = tokens
-            if width < self.vocab_size and bool(too_narrow.any()):  # a rare host sync
+            if width < self.vocab_size and bool(too_narrow.any()):  # a host sync
                 wider = [i for i, short in zip(group, too_narrow.tolist(), strict=True) if short]
                 groups.setdefault(self.vocab_size, []).extend(wider)
         return out
@@ -202,8 +202,9 @@ class Sampler:
         seqs: list[Sequence],
         width: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, V) logits, (G, 1), (G,) -> (G,) ids, and (G,) whether a row's nucleus is
-        wider than its `width` candidates (top-p alone only; draw it again wider)."""
+        """(G, V) logits, (G, 1), (G,) -> (G,) ids, and (G,) whether `width` candidates
+        were too few for a row: its nucleus (top-p alone) or the tokens tied with its k-th
+        go past them. Those rows are drawn again over the whole sorted vocabulary."""
         vocab = self.vocab_size
         if width < vocab:
             values, ids = x.topk(width, dim=-1)  # (G, W) best first
@@ -211,24 +212,28 @@ class Sampler:
             values, ids = x.sort(dim=-1, descending=True, stable=True)
         values = _finite(values / temperature)
         k = [s.params.top_k if 0 < s.params.top_k < vocab else 0 for s in seqs]  # 0: none
+        nucleus_only = torch.tensor([kk == 0 for kk in k], device=self.device)[:, None]
         # Top-k keeps the candidates tied with the k-th, as transformers does.
         kth = torch.tensor([kk - 1 if kk else width - 1 for kk in k], device=self.device)
-        values = values.masked_fill(values < values.gather(1, kth[:, None]), float("-inf"))
-        # Top-p after top-k is measured against the survivors, top-p alone against the
-        # whole distribution (as transformers applies them).
-        nucleus_only = torch.tensor([kk == 0 for kk in k], device=self.device)[:, None]
-        norm = values.logsumexp(dim=-1, keepdim=True)  # (G, 1)
+        kth_value = values.gather(1, kth[:, None])  # (G, 1)
+        ties_beyond = ~nucleus_only & (values[:, -1:] >= kth_value)  # may run past W
+        values = values.masked_fill(values < kth_value, float("-inf"))
+        # Probabilities after top-k over its survivors, and over the whole distribution
+        # for top-p alone (as transformers applies them). log_softmax, not logsumexp:
+        # its per-row result does not depend on how many rows share the call.
+        probs = values.log_softmax(dim=-1).exp()  # (G, W)
         if 0 in k and width < vocab:
-            whole = torch.logsumexp(_finite(x / temperature), dim=-1, keepdim=True)
-            norm = torch.where(nucleus_only, whole, norm)
-        probs = (values - norm).exp()  # (G, W)
+            whole = _finite(x / temperature).log_softmax(dim=-1).gather(1, ids).exp()
+            probs = torch.where(nucleus_only, whole, probs)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=self.device)[:, None]
-        too_narrow = (nucleus_only & (probs.sum(dim=-1, keepdim=True) < top_p))[:, 0]
+        too_narrow = nucleus_only & (probs.sum(dim=-1, keepdim=True) < top_p)
         mass_before = probs.cumsum(dim=-1) - probs
         rank = torch.arange(width, device=self.device)
         cut = (mass_before >= top_p) & (top_p < 1) & (rank > 0)  # the best always stays
         probs = self._min_p(probs.masked_fill(cut, 0), seqs)
-        return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0], too_narrow
+        return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0], (too_narrow | ties_beyond)[
+            :, 0
+        ]
 
     def _min_p(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Drops tokens below min_p x the best token's probability (rows with min_p > 0)."""
