@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import hf_greedy, make_engine, run
+from tests.conftest import collect, hf_greedy, make_engine, run
 from textgen.api import encode_prompt
 from textgen.engine import (
     MAX_CONSECUTIVE_FAILURES,
@@ -168,14 +168,9 @@ def _patch_decode(eng, fault):
 
 
 async def _final(eng, prompt, params):
-    seq = eng.new_sequence(eng.tokenizer(prompt).input_ids, params)
-    tokens, final = [], None
-    async for _, event in eng.stream([seq]):
-        if isinstance(event, TokenEvent):
-            tokens.append(event.token_id)
-        else:
-            final = event
-    return tokens, final
+    """(token ids, finish event) of one request."""
+    tokens, final = await collect(eng, prompt, params)
+    return [t.token_id for t in tokens], final
 
 
 def test_non_finite_logits_fail_only_their_own_row(tiny_model, tokenizer):

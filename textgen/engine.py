@@ -290,9 +290,10 @@ class Engine:
             self._die(reason)
 
     def _loop(self) -> None:
-        # Failed steps since the last one that made progress. A step that only
-        # prefills does not count as progress: a decode that always fails would
-        # otherwise never be noticed, each new request resetting the count.
+        # Failed steps since the last one that made progress (`step`'s answer). A
+        # step that only prefills is progress only if a sequence finished in it: a
+        # decode that always fails would otherwise never be noticed, each new
+        # request resetting the count.
         failures = 0
         while not self._stopping.is_set():
             self._heartbeat = time.monotonic()
@@ -332,11 +333,12 @@ class Engine:
         self._dead = reason
         if not self._stopping.is_set():
             logger.error("engine stopped: %s", reason)
-        self._deliver(self.scheduler.close(reason))
-        orphans = [sink.seq for sink in list(self._sinks.values())]
-        for seq in orphans:
+        self.scheduler.close(reason)  # fails what it holds; refuses what comes
+        # Every client still registered, whatever path lost its events, hears now.
+        held = [sink.seq for sink in list(self._sinks.values())]
+        for seq in held:
             seq.finish(Status.FAILED, error=reason)  # no-op when its finish event is pending
-        self._deliver(orphans)
+        self._deliver(held)
 
     def step(self) -> bool:
         """Retire, admit (prefill), decode one token per running sequence, deliver.

@@ -149,10 +149,12 @@ class GPT2Runner:
         ids = torch.tensor(token_ids, device=self.device)  # (B,)
         pos = torch.tensor(positions, device=self.device)  # (B,)
         slot_ids = torch.tensor(slots, device=self.device)  # (B,)
+        holes = span != b  # slots are sorted and unique: no holes iff they are 0..B-1
         # Slot s attends to its own positions 0..pos[s]; a hole attends to position 0
         # only (a finite row, discarded), so no row of the softmax is empty.
-        live_pos = pos if span == b else torch.zeros(span, dtype=pos.dtype, device=self.device)
-        if span != b:
+        live_pos = pos
+        if holes:
+            live_pos = torch.zeros(span, dtype=pos.dtype, device=self.device)
             live_pos[slot_ids] = pos
         mask = torch.arange(length, device=self.device) <= live_pos[:, None]  # (S, L)
         mask = mask[:, None, None, :]  # (S, 1, 1, L)
@@ -161,11 +163,11 @@ class GPT2Runner:
             q, k, v = self._heads(block, x)  # each (B, H, 1, D)
             kv[0, slot_ids, :, pos] = k[:, :, 0]
             kv[1, slot_ids, :, pos] = v[:, :, 0]
-            if span != b:  # (S, H, 1, D), holes zero
+            if holes:  # (S, H, 1, D), holes zero
                 q = q.new_zeros((span, *q.shape[1:])).index_copy_(0, slot_ids, q)
             keys, values = kv[0, :span, :, :length], kv[1, :span, :, :length]  # (S, H, L, D)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=block.scaling)
-            if span != b:
+            if holes:
                 a = a.index_select(0, slot_ids)  # (B, H, 1, D)
             x = self._finish_block(block, x, a)
         return self.lm_head(self.ln_f(x[:, 0])).float()

@@ -138,40 +138,15 @@ class Sampler:
         return x.scatter(1, seen, _finite(scores))
 
     def _sample(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """(R, V) processed logits of sampling rows -> (R,) drawn token ids."""
+        """(R, V) processed logits of sampling rows -> (R,) drawn token ids.
+
+        Rows are grouped by how many candidates they take (`_width`), which depends on
+        the row alone, one topk per group: so a seed draws the same token alone or
+        batched, even where logits tie (bfloat16). A row the group's width was too
+        narrow for is drawn again, with the same uniform, over the sorted vocabulary.
+        """
         temperature = torch.tensor([s.params.temperature for s in seqs], device=self.device)
         u = torch.tensor([s.rng.random() for s in seqs], device=self.device)  # (R,)
-        whole = [i for i, s in enumerate(seqs) if not self._truncates(s.params)]
-        if len(whole) == len(seqs):
-            return self._draw_whole(x, temperature[:, None], u, seqs)
-        if not whole:
-            return self._draw_candidates(x, temperature[:, None], u, seqs)
-        out = torch.empty(len(seqs), dtype=torch.long, device=self.device)
-        cut = [i for i in range(len(seqs)) if i not in set(whole)]
-        for group, draw in ((whole, self._draw_whole), (cut, self._draw_candidates)):
-            rows = torch.tensor(group, device=self.device)
-            out[rows] = draw(x[rows], temperature[rows, None], u[rows], [seqs[i] for i in group])
-        return out
-
-    def _truncates(self, params: SamplingParams) -> bool:
-        return 0 < params.top_k < self.vocab_size or params.top_p < 1.0
-
-    def _draw_whole(
-        self, x: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor, seqs: list[Sequence]
-    ) -> torch.Tensor:
-        """Rows with neither top-k nor top-p: (R, V) logits, (R, 1), (R,) -> (R,) ids."""
-        probs = self._min_p(_finite(x / temperature).softmax(dim=-1), seqs)  # (R, V)
-        return _inverse_cdf(probs, u)
-
-    def _draw_candidates(
-        self, x: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor, seqs: list[Sequence]
-    ) -> torch.Tensor:
-        """Rows with top-k or top-p: (R, V) logits, (R, 1), (R,) -> (R,) ids.
-
-        Each row draws from its own best candidates, and how many it takes depends on
-        that row alone: rows are grouped by their width, one topk per group. So a seed
-        draws the same token alone or batched, even where logits tie (bfloat16).
-        """
         out = torch.empty(len(seqs), dtype=torch.long, device=self.device)
         groups: dict[int, list[int]] = {}
         for i, seq in enumerate(seqs):
@@ -179,9 +154,13 @@ class Sampler:
         while groups:
             width, group = groups.popitem()
             rows = torch.tensor(group, device=self.device)
-            tokens, too_narrow = self._draw_group(
-                x[rows], temperature[rows], u[rows], [seqs[i] for i in group], width
-            )
+            every = len(group) == len(seqs)  # the usual batch: no gather, no scatter
+            args = (x, temperature, u) if every else (x[rows], temperature[rows], u[rows])
+            group_seqs = [seqs[i] for i in group]
+            if width == 0:  # neither top-k nor top-p
+                out[rows] = self._draw_whole(*args, group_seqs)
+                continue
+            tokens, too_narrow = self._draw_group(*args, group_seqs, width)
             out[rows] = tokens
             if width < self.vocab_size and bool(too_narrow.any()):  # a host sync
                 wider = [i for i, short in zip(group, too_narrow.tolist(), strict=True) if short]
@@ -189,10 +168,20 @@ class Sampler:
         return out
 
     def _width(self, params: SamplingParams) -> int:
-        """Candidates a row takes: its top_k and room for ties, else NUCLEUS_GUESS."""
+        """Candidates a row takes: 0 (the whole distribution) without top-k and top-p,
+        its top_k and room for ties, else NUCLEUS_GUESS."""
         if 0 < params.top_k < self.vocab_size:
             return min(self.vocab_size, params.top_k + TIE_ROOM)
-        return min(self.vocab_size, NUCLEUS_GUESS)
+        if params.top_p < 1.0:
+            return min(self.vocab_size, NUCLEUS_GUESS)
+        return 0
+
+    def _draw_whole(
+        self, x: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor, seqs: list[Sequence]
+    ) -> torch.Tensor:
+        """Rows with neither top-k nor top-p: (R, V) logits, (R,), (R,) -> (R,) ids."""
+        probs = self._min_p(_finite(x / temperature[:, None]).softmax(dim=-1), seqs)  # (R, V)
+        return _inverse_cdf(probs, u)
 
     def _draw_group(
         self,
@@ -202,10 +191,11 @@ class Sampler:
         seqs: list[Sequence],
         width: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, V) logits, (G, 1), (G,) -> (G,) ids, and (G,) whether `width` candidates
+        """(G, V) logits, (G,), (G,) -> (G,) ids, and (G,) whether `width` candidates
         were too few for a row: its nucleus (top-p alone) or the tokens tied with its k-th
         go past them. Those rows are drawn again over the whole sorted vocabulary."""
         vocab = self.vocab_size
+        temperature = temperature[:, None]  # (G, 1)
         if width < vocab:
             values, ids = x.topk(width, dim=-1)  # (G, W) best first
         else:
