@@ -26,7 +26,7 @@ from textgen.engine import (
 )
 from textgen.models import random_gpt2
 from textgen.params import ParamError, SamplingParams
-from textgen.runner import CacheDoesNotFit
+from textgen.runner import CacheDoesNotFit, cgroup_room
 from textgen.scheduler import TokenEvent
 
 LONG = "In a shocking finding, scientists discovered a herd of unicorns living in a remote valley"
@@ -474,6 +474,32 @@ def test_a_failed_step_on_a_broken_device_still_ends_every_request(tiny_model, t
             "clearing the KV cache after a failed step failed: "
             "CUDA error: device-side assert triggered"
         )
+        assert eng._sinks == {}
+    finally:
+        eng.shutdown()
+
+
+def test_available_memory_honours_a_cgroup_limit(tmp_path):
+    assert cgroup_room(tmp_path) is None  # no cgroup files: no limit
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_room(tmp_path) is None
+    (tmp_path / "memory.max").write_text("1073741824\n")
+    (tmp_path / "memory.current").write_text("268435456\n")
+    assert cgroup_room(tmp_path) == 805306368
+
+
+def test_an_engine_dying_during_a_submission_answers_unavailable(tiny_model, tokenizer):
+    eng = make_engine(tiny_model, tokenizer)
+    submit = eng.scheduler.submit
+
+    def dying(seqs, **kw):  # the engine dies between registering the sinks and submitting
+        eng._die("the engine thread died: RuntimeError('test')")
+        return submit(seqs, **kw)
+
+    eng.scheduler.submit = dying
+    try:
+        with pytest.raises(EngineUnavailable, match="the engine thread died"):
+            run(_final(eng, OTHER, SamplingParams(max_new_tokens=3)))
         assert eng._sinks == {}
     finally:
         eng.shutdown()

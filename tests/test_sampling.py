@@ -177,7 +177,9 @@ def _one(params: SamplingParams, logits: torch.Tensor, output_ids=()) -> list[in
     bystander = Sequence([4, 5], SamplingParams(max_new_tokens=9), Ids())
     hostile.slot, bystander.slot = 0, 1
     sampler.admit([hostile, bystander])
-    hostile.output_ids.extend(output_ids)
+    for token in output_ids:  # as the engine records them: history first, then the output
+        sampler._count([token, EOS], [hostile, bystander])
+        hostile.output_ids.append(token)
     return [c.token_id for c in sampler.choose(logits.repeat(2, 1), [hostile, bystander])]
 
 
@@ -203,6 +205,20 @@ def test_hostile_numbers_that_pass_validation_stay_in_their_row(params):
     assert 0 <= hostile < V
     if sp.min_new_tokens:
         assert hostile != EOS
+
+
+def test_a_penalized_row_left_only_a_suppressed_eos_fails_alone():
+    # The model rules out every token but EOS (-inf); EOS is suppressed. Penalties must
+    # not bring the ruled-out tokens back.
+    logits = torch.full((V,), float("-inf"))
+    logits[EOS] = 1.0
+    for params in (
+        SamplingParams(max_new_tokens=9, min_new_tokens=3),
+        SamplingParams(max_new_tokens=9, min_new_tokens=3, repetition_penalty=1.2),
+        SamplingParams(max_new_tokens=9, min_new_tokens=3, do_sample=True, frequency_penalty=1),
+    ):
+        hostile, _ = _one(params, logits)
+        assert hostile == INVALID, params
 
 
 def test_a_temperature_below_1e_5_is_greedy():

@@ -171,3 +171,17 @@ def test_submit_refuses_beyond_the_waiting_limit_all_or_nothing():
     with pytest.raises(QueueFull, match="3 requests are waiting"):
         s.submit([seq()])
     assert s.num_waiting == 3
+
+
+def test_a_finished_sequence_not_yet_retired_does_not_hold_back_a_submission():
+    # Its client may ask again before the next step retires it: its slot is free.
+    s = Scheduler(max_batch_size=1, max_waiting=0)
+    a = seq(max_new_tokens=1)
+    s.submit([a])
+    s.admit()
+    step(s, {a: 5})
+    assert a.status is Status.FINISHED_LENGTH and s.running == [a]
+    b = seq()
+    s.submit([b])  # no QueueFull
+    s.retire()
+    assert s.admit()[0] == [b] and b.slot == 0

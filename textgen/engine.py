@@ -197,8 +197,8 @@ class Engine:
         try:
             self.scheduler.submit(seqs)
         except (QueueFull, Closed) as exc:
-            for seq in seqs:
-                del self._sinks[seq.request_id]
+            for seq in seqs:  # (a dying engine may have dropped them already)
+                self._sinks.pop(seq.request_id, None)
             if isinstance(exc, Closed):
                 raise EngineUnavailable(str(exc)) from None
             raise EngineOverloaded(str(exc)) from None
@@ -247,7 +247,8 @@ class Engine:
         return None
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stops the engine: running and waiting sequences end with an error event."""
+        """Stops the engine: running and waiting sequences end with an error event once
+        the current step ends; waits for that at most `timeout` seconds."""
         self._stopping.set()
         self.scheduler.wake()
         self._thread.join(timeout=timeout)

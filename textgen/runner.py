@@ -218,14 +218,28 @@ def _size(n: float) -> str:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on `device`: CUDA's free memory, else MemAvailable."""
+    """Bytes free for new tensors on `device`: CUDA's free memory; on the CPU,
+    MemAvailable, or less when a cgroup (a container's memory limit) allows less."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    room = cgroup_room(Path("/sys/fs/cgroup"))
+    return available if room is None else min(available, room)
+
+
+def cgroup_room(root: Path) -> int | None:
+    """cgroup v2 `memory.max - memory.current` under `root`; None when unlimited."""
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((root / "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None

@@ -271,7 +271,8 @@ class Sampler:
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
     """NaN -> -inf (never chosen), +inf -> the largest float (chosen, without NaN)."""
-    return torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
+    inf = float("inf")
+    return torch.nan_to_num(x, nan=-inf, posinf=torch.finfo(x.dtype).max, neginf=-inf)
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

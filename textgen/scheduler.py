@@ -179,7 +179,9 @@ class Scheduler:
         with self._lock:
             if self._closed is not None:
                 raise Closed(self._closed)
-            room = self.max_waiting + self.max_batch_size - len(self.running)
+            # A finished sequence leaves `running` at the next retire; its slot is free.
+            busy = sum(not seq.status.finished for seq in self.running)
+            room = self.max_waiting + self.max_batch_size - busy
             if not beyond_limit and len(self._waiting) + len(seqs) > room:
                 raise QueueFull(
                     f"{len(self._waiting)} requests are waiting (limit {self.max_waiting})"
