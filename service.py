@@ -15,8 +15,10 @@ from textgen.store import model_info
 
 SETTINGS = Settings.from_env()
 openai_app = openai_api.build_app()
+server_app = openai_api.build_server_app()  # /health, /version, /tokenize, ...
 
 
+@bentoml.asgi_app(server_app, path="/")  # matches its own routes only
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.service(
     name="textgen",
@@ -33,7 +35,7 @@ class TextGeneration:
     def __init__(self) -> None:
         info = model_info(self.model)
         self.engine = Engine.from_directory(self.model.path, info, SETTINGS)
-        openai_app.state.engine = self.engine
+        openai_api.attach(self.engine, openai_app, server_app)
         self.engine.warm_up()
 
     @bentoml.on_shutdown

@@ -186,7 +186,8 @@ JUNK = [
     b'{"prompt": ' + b"[" * 50000 + b"]" * 50000 + b"}",
     b"[" * 50000 + b"]" * 50000,
     b'{"prompt": "a", "n": -1, "logprobs": 99, "best_of": "x"}',
-    b'{"prompt": [1, 2, 3]}',
+    b'{"prompt": [1, -2, 3]}',
+    b'{"prompt": [[1], "a"]}',
     b'{"prompt": []}',
     b'{"text": 12}',
 ]

@@ -139,19 +139,19 @@ def test_unknown_fields_are_ignored(client):
         (
             {"max_tokens": 0},
             "max_tokens",
-            "max_tokens: Input should be greater than or equal to 1, got 0",
+            "max_tokens must be >= 1 unless echo is set, got 0",
         ),
         (
             {"temperature": 3},
             "temperature",
             "temperature: Input should be less than or equal to 2, got 3",
         ),
-        ({"logprobs": 6}, "logprobs", "logprobs: Input should be less than or equal to 5, got 6"),
+        ({"logprobs": 21}, "logprobs", "logprobs must be <= 20 (TEXTGEN_MAX_LOGPROBS), got 21"),
         ({"n": 9}, "n", "n must be <= 8, got 9"),
         ({"max_tokens": 5000}, "max_tokens", "max_tokens must be <= 1024, got 5000"),
         ({"stop": ["a", ""]}, "stop", "stop sequences must be non-empty, got ''"),
         ({"suffix": "end"}, "suffix", "suffix is not supported: GPT-2 cannot insert text"),
-        ({"best_of": 2}, "best_of", "best_of must equal n (1) here, got 2"),
+        ({"best_of": 1, "n": 2}, "best_of", "best_of must be >= n (2), got 1"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "stop takes at most 4 sequences, got 5"),
     ],
 )

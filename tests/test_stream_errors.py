@@ -7,7 +7,7 @@ import json
 from tests.conftest import run
 from tests.test_engine import failing_engine
 from textgen import api
-from textgen.openai_api import CompletionRequest, _Completion, _stream
+from textgen.openai_api import CompletionRequest, Frontend, _Completion, _sse_stream
 from textgen.schemas import GenerateRequest
 
 
@@ -31,8 +31,9 @@ def test_openai_stream_ends_with_an_error_event_then_done(tiny_model, tokenizer)
     eng = failing_engine(tiny_model, tokenizer, fail_on_call=3)
 
     async def body() -> list[str]:
-        c = _Completion(CompletionRequest(prompt="Hello", max_tokens=9, temperature=0), eng)
-        return [chunk async for chunk in _stream(c, eng.stream(c.seqs))]
+        req = CompletionRequest(prompt="Hello", max_tokens=9, temperature=0)
+        c = _Completion(req, Frontend.of(eng))
+        return [chunk async for chunk in _sse_stream(c, eng.stream(c.seqs))]
 
     try:
         chunks = run(body())

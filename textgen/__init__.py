@@ -1,1 +1,1 @@
-"""GPT-2 text generation engine: continuous batching over a static KV cache."""
+__version__ = "0.2.0"  # the service; /version reports it

@@ -44,27 +44,55 @@ def encode_prompt(
     `field` and `budget_field` are the wire names of the prompt and of the
     new-token budget, so the message speaks the client's vocabulary.
     """
-    check_unicode(prompt, field)
+    ids = prompt_ids(engine, prompt, field)
+    check_budget(engine, len(ids), max_new_tokens, field, budget_field)
+    return ids
+
+
+def prompt_ids(engine: Engine, prompt: str | list[int], field: str = "prompt") -> list[int]:
+    """A prompt's token ids, from its text or as given (checked against the vocabulary)."""
+    if isinstance(prompt, list):
+        for i, token_id in enumerate(prompt):
+            if not 0 <= token_id < engine.vocab_size:
+                raise ParamError(
+                    field,
+                    f"{field}[{i}]: token id {token_id} is not in the vocabulary "
+                    f"(0..{engine.vocab_size - 1})",
+                )
+        ids = prompt
+    else:
+        check_unicode(prompt, field)
+        limit = engine.settings.max_prompt_chars
+        if len(prompt) > limit:
+            raise ParamError(field, f"{field} has {len(prompt)} characters; the limit is {limit}")
+        ids = engine.tokenize(prompt)
+    if not ids:
+        raise ParamError(field, f"{field} must not be empty")
+    return ids
+
+
+def check_budget(
+    engine: Engine, prompt_tokens: int, max_new_tokens: int, field: str, budget_field: str
+) -> None:
+    """Raises ParamError unless `max_new_tokens` is within the limit and fits the context."""
     budget_limit = engine.settings.max_new_tokens_limit
     if max_new_tokens > budget_limit:
         raise ParamError(
             budget_field, f"{budget_field} must be <= {budget_limit}, got {max_new_tokens}"
         )
-    limit = engine.settings.max_prompt_chars
-    if len(prompt) > limit:
-        raise ParamError(field, f"{field} has {len(prompt)} characters; the limit is {limit}")
-    ids = engine.tokenize(prompt)
-    if not ids:
-        raise ParamError(field, f"{field} must not be empty")
     try:
-        engine.check_fits(len(ids), max_new_tokens)
+        engine.check_fits(prompt_tokens, max_new_tokens)
     except ContextOverflow as exc:
         raise ParamError(
             field,
-            f"{field} has {len(ids)} tokens and {budget_field} is {max_new_tokens}: "
-            f"{len(ids) + max_new_tokens} exceeds the model's context of {exc.limit} tokens",
+            f"{field} has {prompt_tokens} tokens and {budget_field} is {max_new_tokens}: "
+            f"{prompt_tokens + max_new_tokens} exceeds the model's context of {exc.limit} tokens",
         ) from None
-    return ids
+
+
+def rest_of_context(engine: Engine, prompt_tokens: int) -> int:
+    """The new-token budget of a request that sets none (OpenAI's `max_tokens: null`)."""
+    return max(0, min(engine.settings.max_new_tokens_limit, engine.max_model_len - prompt_tokens))
 
 
 def new_sequence(engine: Engine, request: GenerateRequest) -> Sequence:

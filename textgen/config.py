@@ -61,7 +61,9 @@ class Settings:
     max_prompt_chars: int = 16_384  # prompt length limit checked before tokenizing
     max_new_tokens_limit: int = 1024  # upper bound on max_new_tokens / max_tokens
     max_n: int = 8  # upper bound on OpenAI `n` (choices per prompt)
-    max_prompts: int = 16  # upper bound on prompts in one OpenAI request
+    max_prompts: int = 256  # upper bound on prompts in one OpenAI request (lm-eval batches)
+    max_logprobs: int = 20  # upper bound on logprobs / top_logprobs / prompt_logprobs
+    chat_template: str | None = None  # a Jinja file; None: GPT-2's default (textgen/chat.py)
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
 
     @classmethod
@@ -93,6 +95,8 @@ class Settings:
             max_prompt_chars=_env_int("TEXTGEN_MAX_PROMPT_CHARS", 16_384, 1),
             max_new_tokens_limit=_env_int("TEXTGEN_MAX_NEW_TOKENS", 1024, 1),
             max_n=_env_int("TEXTGEN_MAX_N", 8, 1),
-            max_prompts=_env_int("TEXTGEN_MAX_PROMPTS", 16, 1),
+            max_prompts=_env_int("TEXTGEN_MAX_PROMPTS", 256, 1),
+            max_logprobs=_env_int("TEXTGEN_MAX_LOGPROBS", 20, 0),
+            chat_template=os.environ.get("TEXTGEN_CHAT_TEMPLATE", "").strip() or None,
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
         )

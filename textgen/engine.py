@@ -34,9 +34,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from textgen import metrics
 from textgen.config import Settings
 from textgen.devices import resolve_device, resolve_dtype
-from textgen.params import SamplingParams
+from textgen.params import ParamError, SamplingParams
 from textgen.runner import GPT2Runner
-from textgen.sampling import INVALID, Sampler
+from textgen.sampling import INVALID, Sampler, prompt_logprobs
 from textgen.scheduler import (
     Closed,
     Event,
@@ -109,6 +109,7 @@ class Engine:
         self.info = info
         self.tokenizer = tokenizer
         self.eos_token_id: int | None = model.config.eos_token_id
+        self.vocab_size: int = model.config.vocab_size
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         self.scheduler = Scheduler(
@@ -169,9 +170,11 @@ class Engine:
 
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """One request's sequence; sampling without a seed gets a random one (`seq.params.seed`
-        reports it back to the client). Raises ContextOverflow when it would not fit."""
+        reports it back to the client). Raises ContextOverflow when it would not fit, and
+        ParamError for what only the engine can check (token ids, logprobs bounds)."""
         if not prompt_ids:
             raise ValueError("a sequence needs at least one prompt token")
+        self.check_params(params)
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         rng = None
         if params.do_sample:
@@ -179,6 +182,22 @@ class Engine:
                 params = replace(params, seed=random.randrange(2**31))
             rng = random.Random(params.seed)
         return Sequence(prompt_ids, params, self.tokenizer, rng)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Raises ParamError for bounds set by the model and the settings."""
+        limit = self.settings.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limit:
+                raise ParamError(
+                    name, f"{name} must be <= {limit} (TEXTGEN_MAX_LOGPROBS), got {value}"
+                )
+        for token_id in params.named_token_ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise ParamError(
+                    "logit_bias" if token_id in dict(params.logit_bias) else "stop_token_ids",
+                    f"token id {token_id} is not in the vocabulary (0..{self.vocab_size - 1})",
+                )
 
     def stream(self, seqs: list[Sequence], label: str = "engine") -> EventStream:
         """Submits sequences together, now.
@@ -380,10 +399,39 @@ class Engine:
         )
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        logits = self.runner.prefill([s.prompt_ids for s in admitted], [s.slot for s in admitted])
+        scoring = [i for i, s in enumerate(admitted) if s.params.scores_prompt]
+        logits, prompt_logits = self.runner.prefill(
+            [s.prompt_ids for s in admitted], [s.slot for s in admitted], scoring
+        )
         self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
+        for i, full in zip(scoring, prompt_logits, strict=True):
+            seq = admitted[i]
+            try:
+                seq.prompt_logprobs = prompt_logprobs(
+                    full, seq.prompt_ids, seq.params.prompt_logprobs or 0
+                )
+            except ValueError:
+                self._fail_non_finite(seq)
         self.sampler.admit(admitted)
-        self._append(admitted, logits)
+        # max_new_tokens 0: the prompt is scored, nothing is generated.
+        rows = []
+        for i, seq in enumerate(admitted):
+            if seq.status.finished:
+                continue
+            if seq.params.max_new_tokens == 0:
+                seq.finish(Status.FINISHED_LENGTH)
+            else:
+                rows.append(i)
+        if rows:
+            every = len(rows) == len(admitted)
+            index = torch.tensor(rows, device=logits.device)
+            self._append([admitted[i] for i in rows], logits if every else logits[index])
+
+    def _fail_non_finite(self, seq: Sequence) -> None:
+        seq.finish(Status.FAILED, error=NON_FINITE_LOGITS)
+        # Its keys and values may be NaN: a later, shorter occupant would attend
+        # over them masked, and a masked NaN still makes NaN (0 x NaN).
+        self.runner.clear_slots([seq.slot])
 
     def _append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         choices = self.sampler.choose(logits, seqs)
@@ -391,10 +439,7 @@ class Engine:
         generated = 0
         for seq, choice in zip(seqs, choices, strict=True):
             if choice.token_id == INVALID:
-                seq.finish(Status.FAILED, error=NON_FINITE_LOGITS)
-                # Its keys and values may be NaN: a later, shorter occupant would attend
-                # over them masked, and a masked NaN still makes NaN (0 x NaN).
-                self.runner.clear_slots([seq.slot])
+                self._fail_non_finite(seq)
                 continue
             if seq.last_token_time is None:
                 self.metrics.time_to_first_token.observe(now - seq.arrival_time)

@@ -23,7 +23,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
-GENERATION_ROUTES = frozenset({"/generate", "/generate_stream", "/text-generation/generate"})
+# Routes behind the API key and the body checks (the tokenizer's too: they take bodies).
+GENERATION_ROUTES = frozenset(
+    {"/generate", "/generate_stream", "/text-generation/generate", "/tokenize", "/detokenize"}
+)
 REJECTION_CAUSES = {
     400: "invalid",
     401: "unauthorized",

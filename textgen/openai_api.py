@@ -1,105 +1,91 @@
-"""OpenAI-compatible legacy completions (`/v1/completions`, `/v1/models`).
+"""OpenAI-compatible routes over the same engine, and vLLM's tokenizer routes.
 
-A second wire schema over the same engine: `CompletionRequest.to_sampling_params`
-is its one conversion into `SamplingParams`. Errors use OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}` so the official client raises
-the matching exception class.
+Two Starlette apps: `/v1` (completions, chat completions, models; every other
+path under it answers OpenAI's 404) and the server's own routes at the root
+(`/health`, `/version`, `/tokenize`, `/detokenize`, `/tokenizer_info`). Errors
+on /v1 use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, so
+the official client raises the matching exception class.
+
+A request becomes sequences, prompt-major (`best_of` or `n` per prompt), and
+each sequence one `_Choice`, assembled from its events. Completions' logprobs
+are OpenAI's legacy shape (tokens, token_logprobs, top_logprobs, text_offset),
+with the echoed prompt's own logprobs first when `echo` is set: what evaluation
+harnesses score.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from importlib import metadata
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from textgen.api import encode_prompt, sse, until_disconnected
+import textgen
+from textgen.api import check_budget, prompt_ids, rest_of_context, sse, until_disconnected
+from textgen.chat import ChatTemplate, ChatTemplateError
 from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
 from textgen.errors import OpenAIError
-from textgen.params import MAX_LOGPROBS, ParamError, SamplingParams
-from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
+from textgen.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from textgen.params import ParamError, SamplingParams
+from textgen.scheduler import FinishEvent, PromptLogprob, Sequence, Status, TokenEvent
+from textgen.text import TokenTable
 
+logger = logging.getLogger("bentoml.textgen")
+
+T = TypeVar("T", bound=BaseModel)
 FINISH_REASONS = {
     Status.FINISHED_EOS: "stop",
     Status.FINISHED_STOP: "stop",
     Status.FINISHED_LENGTH: "length",
 }
+IGNORED_FIELDS_HEADER = "X-Ignored-Fields"  # unknown request fields, accepted and unused
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+@dataclass
+class Frontend:
+    """What the routes share, set once the engine is up (`attach`)."""
 
+    engine: Engine
+    tokens: TokenTable
+    chat_template: ChatTemplate
+    created: int = field(default_factory=lambda: int(time.time()))
 
-class CompletionRequest(BaseModel):
-    """OpenAI's legacy completions body, with vLLM's extras; unknown fields are ignored."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)  # 0: greedy
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    user: str | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-    # vLLM's extras
-    top_k: int = Field(0, ge=-1)  # 0 or -1: off
-    min_p: float = Field(0.0, ge=0, le=1)
-    min_tokens: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    ignore_eos: bool = False
-
-    @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
-
-    @property
-    def stop_sequences(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    def to_sampling_params(self, choice: int) -> SamplingParams:
-        """Params of the `choice`-th sample of a prompt (seeds differ per choice)."""
-        sampling = self.temperature > 0
-        seed = None if self.seed is None or not sampling else (self.seed + choice) % 2**63
-        return SamplingParams(
-            max_new_tokens=self.max_tokens,
-            min_new_tokens=min(self.min_tokens, self.max_tokens),
-            do_sample=sampling,
-            temperature=self.temperature if sampling else 1.0,
-            top_k=max(self.top_k, 0),
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            stop=self.stop_sequences,
-            seed=seed,
-            ignore_eos=self.ignore_eos,
-            logprobs=self.logprobs,
+    @classmethod
+    def of(cls, engine: Engine) -> Frontend:
+        return cls(
+            engine,
+            TokenTable(engine.tokenizer, engine.vocab_size),
+            ChatTemplate.for_server(engine.settings.chat_template, engine.tokenizer),
         )
 
 
-def parse_request(raw: bytes, engine: Engine) -> CompletionRequest:
+def attach(engine: Engine, *apps: Starlette) -> None:
+    """Gives the apps built here their engine (the service calls it once it has one)."""
+    frontend = Frontend.of(engine)
+    for app in apps:
+        app.state.frontend = frontend
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+def parse(raw: bytes, schema: type[T]) -> T:
+    """The body as `schema`, or a 400 naming the field, the rule and the value."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -109,194 +95,425 @@ def parse_request(raw: bytes, engine: Engine) -> CompletionRequest:
     if not isinstance(body, dict):
         raise OpenAIError(400, f"request body must be a JSON object, got {type(body).__name__}")
     try:
-        req = CompletionRequest.model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         value = repr(err.get("input"))[:80]
         raise OpenAIError(400, f"{param}: {err['msg']}, got {value}", param) from None
-    _check_limits(req, engine)
-    return req
 
 
-def _check_limits(req: CompletionRequest, engine: Engine) -> None:
-    s = engine.settings
-    name = engine.info.name
-    if req.model is not None and req.model not in (name, engine.info.tag):
+def _check_model(model: str | None, engine: Engine) -> None:
+    if model is not None and model not in (engine.info.name, engine.info.tag):
         raise OpenAIError(
             404,
-            f"The model {req.model!r} does not exist; this server serves {name!r}",
+            f"The model {model!r} does not exist; this server serves {engine.info.name!r}",
             "model",
             code="model_not_found",
         )
-    if req.suffix:
-        raise OpenAIError(400, "suffix is not supported: GPT-2 cannot insert text", "suffix")
-    if req.best_of is not None and req.best_of != req.n:
-        raise OpenAIError(400, f"best_of must equal n ({req.n}) here, got {req.best_of}", "best_of")
-    checks = [
-        (len(req.prompts) >= 1, "prompt", "prompt must not be an empty list"),
-        (
-            len(req.prompts) <= s.max_prompts,
-            "prompt",
-            f"prompt takes at most {s.max_prompts} strings, got {len(req.prompts)}",
-        ),
-        (req.n <= s.max_n, "n", f"n must be <= {s.max_n}, got {req.n}"),
-    ]
-    for ok, param, message in checks:
-        if not ok:
-            raise OpenAIError(400, message, param)
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    out = []
+    for key, value in (bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise OpenAIError(
+                400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias"
+            ) from None
+        out.append((token_id, value))
+    return tuple(out)
+
+
+def _sampling_params(req: Any, max_new_tokens: int, choice: int, **extra: Any) -> SamplingParams:
+    """The params of a request's `choice`-th sequence (seeds differ per choice)."""
+    sampling = req.temperature > 0
+    seed = None if req.seed is None or not sampling else (req.seed + choice) % 2**63
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min(req.min_tokens, max_new_tokens),
+        do_sample=sampling,
+        temperature=req.temperature if sampling else 1.0,
+        top_k=max(req.top_k, 0),
+        top_p=req.top_p,
+        min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        stop=req.stop_sequences,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        logit_bias=_logit_bias(req.logit_bias),
+        seed=seed,
+        ignore_eos=req.ignore_eos,
+        **extra,
+    )
+
+
+def _budget(
+    engine: Engine, ids: list[int], requested: int | None, field_: str, budget_field: str
+) -> int:
+    """New tokens for a prompt: as requested, or the rest of the context for None."""
+    if requested is None:
+        room = rest_of_context(engine, len(ids))
+        if room == 0:
+            raise ParamError(
+                field_,
+                f"{field_} has {len(ids)} tokens: no room left to generate in the model's "
+                f"context of {engine.max_model_len} tokens",
+            )
+        return room
+    check_budget(engine, len(ids), requested, field_, budget_field)
+    return requested
+
+
+def _check_sequences(engine: Engine, n: int, count: int, what: str) -> None:
+    """Bounds `n` and the sequences one request makes."""
+    s = engine.settings
+    if n > s.max_n:
+        raise OpenAIError(400, f"n must be <= {s.max_n}, got {n}", "n")
+    room = s.max_waiting + s.max_batch_size
+    if count > room:
+        raise OpenAIError(
+            400,
+            f"this request needs {count} sequences ({what}); the server holds at most {room} "
+            f"(TEXTGEN_MAX_WAITING + TEXTGEN_MAX_BATCH_SIZE)",
+        )
+
+
+# -- choices ----------------------------------------------------------------------
 
 
 @dataclass
 class _Choice:
-    """One choice being assembled: its text, logprobs and finish reason."""
+    """One sequence's answer being assembled: text, logprobs, finish reason."""
 
     index: int
-    prefix: str  # the prompt when echo, else ''
+    prefix: str = ""  # the echoed prompt, else ''
     text: str = ""
-    tokens: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[float | None] = field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)
-    text_offset: list[int] = field(default_factory=list)
+    top: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    cumulative_logprob: float = 0.0  # of the generated tokens: how best_of ranks
     finish_reason: str | None = None
+    started: bool = False  # whether its first event was sent (streaming)
 
-    def add(self, event: TokenEvent, engine: Engine, with_logprobs: bool) -> dict[str, Any] | None:
-        """Records a token; returns its logprobs entry (the streamed shape) when asked."""
-        self.text += event.text
-        if not with_logprobs:
-            return None
-        decode = engine.tokenizer.decode
-        offset = self.text_offset[-1] + len(self.tokens[-1]) if self.tokens else len(self.prefix)
-        token = decode([event.token_id])
-        top = {decode([i]): lp for i, lp in event.top_logprobs}
-        self.tokens.append(token)
+    def add_prompt(self, ids: list[int], logprobs: list[PromptLogprob], tokens: TokenTable) -> int:
+        """Records the echoed prompt's tokens; returns how many entries it added."""
+        for token_id, offset, entry in zip(ids, tokens.offsets(ids), logprobs, strict=True):
+            self.token_ids.append(token_id)
+            self.offsets.append(offset)
+            self.token_logprobs.append(None if entry is None else entry[0])
+            self.top.append(None if entry is None else entry[1])
+        return len(ids)
+
+    def add(self, event: TokenEvent) -> None:
+        self.token_ids.append(event.token_id)
+        self.offsets.append(len(self.prefix) + len(self.text))
         self.token_logprobs.append(event.logprob)
-        self.top_logprobs.append(top)
-        self.text_offset.append(offset)
+        self.top.append(event.top_logprobs)
+        self.text += event.text
+        self.cumulative_logprob += event.logprob or 0.0
+
+    def completion_logprobs(self, tokens: TokenTable, start: int = 0) -> dict[str, Any]:
+        """OpenAI's legacy shape over entries `start:`; each top dict holds the chosen token."""
+        strings = tokens.strings
+        top_logprobs: list[dict[str, float] | None] = []
+        for i in range(start, len(self.token_ids)):
+            top, chosen = self.top[i], self.token_logprobs[i]
+            if top is None or chosen is None:
+                top_logprobs.append(None)
+                continue
+            entry = {strings[t]: lp for t, lp in top}
+            entry.setdefault(strings[self.token_ids[i]], chosen)
+            top_logprobs.append(entry)
         return {
-            "tokens": [token],
-            "token_logprobs": [event.logprob],
-            "top_logprobs": [top],
-            "text_offset": [offset],
+            "tokens": [strings[t] for t in self.token_ids[start:]],
+            "token_logprobs": self.token_logprobs[start:],
+            "top_logprobs": top_logprobs,
+            "text_offset": self.offsets[start:],
         }
 
-    def logprobs(self) -> dict[str, Any]:
-        return {
-            "tokens": self.tokens,
-            "token_logprobs": self.token_logprobs,
-            "top_logprobs": self.top_logprobs,
-            "text_offset": self.text_offset,
-        }
+    def chat_logprobs(self, tokens: TokenTable, start: int = 0) -> dict[str, Any]:
+        """OpenAI's chat shape: token, logprob, bytes and the top alternatives."""
+
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            return {
+                "token": tokens.strings[token_id],
+                "logprob": logprob,
+                "bytes": list(tokens.bytes[token_id]),
+            }
+
+        content = []
+        for i in range(start, len(self.token_ids)):
+            entry = item(self.token_ids[i], self.token_logprobs[i] or 0.0)
+            entry["top_logprobs"] = [item(t, lp) for t, lp in self.top[i] or ()]
+            content.append(entry)
+        return {"content": content}
 
 
-class _Completion:
-    """Sequences of one request: prompt-major choices, as OpenAI indexes them."""
+def _finish_reason(event: FinishEvent) -> str:
+    if event.status not in FINISH_REASONS:
+        raise OpenAIError(
+            500, event.error or f"generation ended: {event.status.value}", type_="server_error"
+        )
+    return FINISH_REASONS[event.status]
 
-    def __init__(self, req: CompletionRequest, engine: Engine) -> None:
-        self.req, self.engine = req, engine
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+
+class _Request:
+    """The sequences of one request and their choices; subclasses shape the wire."""
+
+    object_name = ""
+    id_prefix = ""
+
+    def __init__(self, req: Any, frontend: Frontend) -> None:
+        self.req, self.frontend, self.engine = req, frontend, frontend.engine
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.seqs: list[Sequence] = []
         self.choices: list[_Choice] = []
-        for prompt in req.prompts:
-            ids = encode_prompt(engine, prompt, req.max_tokens, budget_field="max_tokens")
-            for j in range(req.n):
-                self.seqs.append(engine.new_sequence(ids, req.to_sampling_params(j)))
-                self.choices.append(_Choice(len(self.choices), prompt if req.echo else ""))
+        self.prompt_tokens = 0
 
     def usage(self) -> dict[str, int]:
-        prompt = sum(len(s.prompt_ids) for s in self.seqs[:: self.req.n])
         completion = sum(len(s.output_ids) for s in self.seqs)
         return {
-            "prompt_tokens": prompt,
+            "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
-            "total_tokens": prompt + completion,
+            "total_tokens": self.prompt_tokens + completion,
         }
 
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
             "id": self.id,
-            "object": "text_completion",
+            "object": self.object_name,
             "created": self.created,
             "model": self.engine.info.name,
             "choices": choices,
             **extra,
         }
 
-    def finish(self, i: int, event: FinishEvent) -> str:
-        if event.status not in FINISH_REASONS:
-            raise OpenAIError(
-                500, event.error or f"generation ended: {event.status.value}", type_="server_error"
-            )
-        self.choices[i].finish_reason = FINISH_REASONS[event.status]
-        return self.choices[i].finish_reason
-
-
-async def _complete(c: _Completion, events: EventStream) -> dict[str, Any]:
-    with_logprobs = c.req.logprobs is not None
-    async for i, event in events:
-        if isinstance(event, TokenEvent):
-            c.choices[i].add(event, c.engine, with_logprobs)
-        else:
-            c.finish(i, event)
-    choices = [
-        {
-            "index": ch.index,
-            "text": ch.prefix + ch.text,
-            "logprobs": ch.logprobs() if with_logprobs else None,
-            "finish_reason": ch.finish_reason,
-        }
-        for ch in c.choices
-    ]
-    return c.chunk(choices, usage=c.usage())
-
-
-async def _stream(c: _Completion, events: EventStream) -> AsyncGenerator[str, None]:
-    with_logprobs = c.req.logprobs is not None
-    echoed: set[int] = set()
-    try:
+    async def collect(self, events: EventStream) -> bool:
+        """Reads every event into the choices; True once all sequences finished."""
         async for i, event in events:
-            choice: dict[str, Any] = {
-                "index": i,
-                "text": "",
-                "logprobs": None,
-                "finish_reason": None,
-            }
-            if i not in echoed:
-                echoed.add(i)
-                choice["text"] = c.choices[i].prefix
+            self.start(i)
             if isinstance(event, TokenEvent):
-                choice["logprobs"] = c.choices[i].add(event, c.engine, with_logprobs)
-                choice["text"] += event.text
-                if not choice["text"] and choice["logprobs"] is None:
-                    continue
+                self.choices[i].add(event)
             else:
-                choice["finish_reason"] = c.finish(i, event)
-            yield sse(c.chunk([choice]))
-        if c.req.stream_options is not None and c.req.stream_options.include_usage:
-            yield sse(c.chunk([], usage=c.usage()))
-    except OpenAIError as exc:
-        yield sse(exc.body())
-    except Exception as exc:  # after the stream started: a final error event, then [DONE]
-        yield sse(OpenAIError(500, f"generation failed: {exc}", type_="server_error").body())
-    finally:
-        await events.aclose()
-    yield "data: [DONE]\n\n"
+                self.choices[i].finish_reason = _finish_reason(event)
+        return True
+
+    def start(self, i: int) -> bool:
+        """Called at each event of sequence i; True (once) at its first."""
+        ch = self.choices[i]
+        if ch.started:
+            return False
+        ch.started = True
+        return True
 
 
-async def completions(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+class _Completion(_Request):
+    """`/v1/completions`: `best_of` (>= n) sequences per prompt, the best n returned."""
+
+    object_name = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, req: CompletionRequest, frontend: Frontend) -> None:
+        super().__init__(req, frontend)
+        engine = self.engine
+        prompts = req.prompts
+        if not prompts:
+            raise OpenAIError(400, "prompt must not be an empty list", "prompt")
+        limit = engine.settings.max_prompts
+        if len(prompts) > limit:
+            raise OpenAIError(
+                400,
+                f"prompt takes at most {limit} prompts (TEXTGEN_MAX_PROMPTS), got {len(prompts)}",
+                "prompt",
+            )
+        if req.suffix:
+            raise OpenAIError(400, "suffix is not supported: GPT-2 cannot insert text", "suffix")
+        self.best_of = req.best_of or req.n
+        if self.best_of < req.n:
+            raise OpenAIError(400, f"best_of must be >= n ({req.n}), got {req.best_of}", "best_of")
+        if self.best_of > engine.settings.max_n:
+            raise OpenAIError(
+                400,
+                f"best_of must be <= {engine.settings.max_n} (TEXTGEN_MAX_N), got {self.best_of}",
+                "best_of",
+            )
+        if req.stream and self.best_of > req.n:
+            raise OpenAIError(400, "best_of > n cannot be streamed", "best_of")
+        if req.max_tokens == 0 and not req.echo:
+            raise OpenAIError(
+                400, "max_tokens must be >= 1 unless echo is set, got 0", "max_tokens"
+            )
+        _check_sequences(engine, req.n, len(prompts) * self.best_of, "prompts x best_of")
+        self.scoring = req.echo and req.logprobs is not None
+        self.prompts: list[list[int]] = []
+        logprobs = req.logprobs
+        if logprobs is None and self.best_of > req.n:
+            logprobs = 0  # ranking needs each token's logprob; the client gets none
+        for p, prompt in enumerate(prompts):
+            name = "prompt" if len(prompts) == 1 else f"prompt[{p}]"
+            ids = prompt_ids(engine, prompt, name)
+            budget = _budget(engine, ids, req.max_tokens, name, "max_tokens")
+            self.prompts.append(ids)
+            self.prompt_tokens += len(ids)
+            prefix = ""
+            if req.echo:
+                prefix = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
+            for j in range(self.best_of):
+                params = _sampling_params(
+                    req,
+                    budget,
+                    j,
+                    logprobs=logprobs,
+                    prompt_logprobs=req.logprobs if self.scoring else None,
+                )
+                self.seqs.append(engine.new_sequence(ids, params))
+                self.choices.append(_Choice(len(self.choices), prefix))
+
+    def start(self, i: int) -> bool:
+        """At a sequence's first event, its echoed prompt's entries come first."""
+        first = super().start(i)
+        seq = self.seqs[i]
+        if first and self.scoring and seq.prompt_logprobs is not None:
+            self.choices[i].add_prompt(seq.prompt_ids, seq.prompt_logprobs, self.frontend.tokens)
+        return first
+
+    def body(self) -> dict[str, Any]:
+        n, tokens = self.req.n, self.frontend.tokens
+        with_logprobs = self.req.logprobs is not None
+        out = []
+        for p in range(len(self.prompts)):
+            group = list(range(p * self.best_of, (p + 1) * self.best_of))
+            if self.best_of > n:  # the n most likely, as OpenAI and vLLM rank them
+                group.sort(key=lambda i: -self.choices[i].cumulative_logprob)
+            for j, i in enumerate(group[:n]):
+                ch = self.choices[i]
+                out.append(
+                    {
+                        "index": p * n + j,
+                        "text": ch.prefix + ch.text,
+                        "logprobs": ch.completion_logprobs(tokens) if with_logprobs else None,
+                        "finish_reason": ch.finish_reason,
+                    }
+                )
+        return self.chunk(out, usage=self.usage())
+
+    async def stream(self, events: EventStream) -> AsyncGenerator[str, None]:
+        with_logprobs = self.req.logprobs is not None
+        tokens = self.frontend.tokens
+        async for i, event in events:
+            ch = self.choices[i]
+            out: dict[str, Any] = {"index": i, "text": "", "logprobs": None, "finish_reason": None}
+            start = len(ch.token_ids)
+            if self.start(i):
+                out["text"] = ch.prefix
+            if isinstance(event, TokenEvent):
+                ch.add(event)
+                out["text"] += event.text
+            else:
+                out["finish_reason"] = ch.finish_reason = _finish_reason(event)
+            if with_logprobs and len(ch.token_ids) > start:
+                out["logprobs"] = ch.completion_logprobs(tokens, start)
+            if not out["text"] and out["logprobs"] is None and out["finish_reason"] is None:
+                continue
+            extra = {"usage": self.usage()} if self.req.usage_in_every_chunk else {}
+            yield sse(self.chunk([out], **extra))
+        if self.req.usage_at_end:
+            yield sse(self.chunk([], usage=self.usage()))
+
+
+class _ChatCompletion(_Request):
+    """`/v1/chat/completions`: the messages rendered by the chat template, n choices."""
+
+    object_name = "chat.completion"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, req: ChatCompletionRequest, frontend: Frontend) -> None:
+        super().__init__(req, frontend)
+        engine = self.engine
+        _check_sequences(engine, req.n, req.n, "n")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        text = render_chat(frontend, req.messages, req.chat_template, req)
+        ids = prompt_ids(engine, text, "messages")
+        budget_field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        budget = _budget(engine, ids, req.max_new_tokens, "messages", budget_field)
+        self.prompt_tokens = len(ids)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        for j in range(req.n):
+            params = _sampling_params(req, budget, j, logprobs=logprobs)
+            self.seqs.append(engine.new_sequence(ids, params))
+            self.choices.append(_Choice(j))
+
+    def body(self) -> dict[str, Any]:
+        tokens = self.frontend.tokens
+        out = [
+            {
+                "index": ch.index,
+                "message": {"role": "assistant", "content": ch.text},
+                "logprobs": ch.chat_logprobs(tokens) if self.req.logprobs else None,
+                "finish_reason": ch.finish_reason,
+            }
+            for ch in self.choices
+        ]
+        return self.chunk(out, usage=self.usage())
+
+    async def stream(self, events: EventStream) -> AsyncGenerator[str, None]:
+        self.object_name = "chat.completion.chunk"
+        tokens = self.frontend.tokens
+        every = self.req.usage_in_every_chunk
+
+        def chunk(delta: dict[str, Any], i: int, **rest: Any) -> str:
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None, **rest}
+            return sse(self.chunk([choice], **({"usage": self.usage()} if every else {})))
+
+        for ch in self.choices:  # the role first, as OpenAI sends it
+            yield chunk({"role": "assistant", "content": ""}, ch.index)
+        async for i, event in events:
+            ch = self.choices[i]
+            if isinstance(event, TokenEvent):
+                start = len(ch.token_ids)
+                ch.add(event)
+                logprobs = ch.chat_logprobs(tokens, start) if self.req.logprobs else None
+                if event.text or logprobs is not None:
+                    yield chunk({"content": event.text}, i, logprobs=logprobs)
+            else:
+                ch.finish_reason = _finish_reason(event)
+                yield chunk({}, i, finish_reason=ch.finish_reason)
+        if self.req.usage_at_end:
+            yield sse(self.chunk([], usage=self.usage()))
+
+
+def render_chat(
+    frontend: Frontend, messages: list[Any], source: str | None, req: Any = None
+) -> str:
+    """The prompt text of chat messages, through the server's or the request's template."""
     try:
-        req = parse_request(await request.body(), engine)
-        c = _Completion(req, engine)
-        events = c.engine.stream(c.seqs, "/v1/completions")
-        if req.stream:
-            return StreamingResponse(_stream(c, events), media_type="text/event-stream")
-        try:
-            body = await until_disconnected(request, _complete(c, events))
-        finally:
-            await events.aclose()  # cancels the sequences that did not finish
-        return JSONResponse(body) if body is not None else Response(status_code=499)
+        template = frontend.chat_template
+        if source is not None:
+            template = template.with_source(source)
+        kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
+        return template.render(
+            [m.as_template_input() for m in messages],
+            add_generation_prompt=getattr(req, "add_generation_prompt", True),
+            **kwargs,
+        )
+    except ChatTemplateError as exc:
+        raise OpenAIError(400, str(exc), "chat_template") from None
+
+
+# -- routes -----------------------------------------------------------------------
+
+
+async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
+    """Runs a route, turning every error a request can cause into OpenAI's shape."""
+    try:
+        return await handle()
     except OpenAIError as exc:
         return exc.response()
     except ParamError as exc:
@@ -314,28 +531,187 @@ async def completions(request: Request) -> Response:
         ).response()
 
 
+async def _generate(request: Request, schema: type[Any], shape: type[_Request]) -> Response:
+    async def handle() -> Response:
+        frontend: Frontend = request.app.state.frontend
+        req = parse(await request.body(), schema)
+        _check_model(req.model, frontend.engine)
+        headers = {}
+        if req.ignored_fields:
+            ignored = ", ".join(req.ignored_fields)
+            logger.warning("%s: ignored unknown fields: %s", request.url.path, ignored)
+            headers[IGNORED_FIELDS_HEADER] = ignored
+        work = shape(req, frontend)
+        events = frontend.engine.stream(work.seqs, request.url.path)
+        if req.stream:
+            return StreamingResponse(
+                _sse_stream(work, events), media_type="text/event-stream", headers=headers
+            )
+        try:
+            done = await until_disconnected(request, work.collect(events))
+        finally:
+            await events.aclose()  # cancels the sequences that did not finish
+        if done is None:  # the client went away
+            return Response(status_code=499)
+        return JSONResponse(work.body(), headers=headers)
+
+    return await _answer(handle)
+
+
+async def _sse_stream(work: Any, events: EventStream) -> AsyncGenerator[str, None]:
+    try:
+        async for message in work.stream(events):
+            yield message
+    except OpenAIError as exc:
+        yield sse(exc.body())
+    except Exception as exc:  # after the stream started: a final error event, then [DONE]
+        yield sse(OpenAIError(500, f"generation failed: {exc}", type_="server_error").body())
+    finally:
+        await events.aclose()
+    yield "data: [DONE]\n\n"
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, CompletionRequest, _Completion)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, ChatCompletionRequest, _ChatCompletion)
+
+
 async def models(request: Request) -> Response:
-    info = request.app.state.engine.info
+    frontend: Frontend = request.app.state.frontend
+    info = frontend.engine.info
     card = {
         "id": info.name,
         "object": "model",
-        "created": request.app.state.created,
+        "created": frontend.created,
         "owned_by": "textgen",
         "root": info.tag,
-        "max_model_len": info.n_ctx,
+        "max_model_len": frontend.engine.max_model_len,
         "metadata": {"random_weights": info.random_weights, "source": info.source},
     }
     return JSONResponse({"object": "list", "data": [card]})
 
 
-def build_app(engine: Engine | None = None) -> Starlette:
-    """The app mounted at /v1; `app.state.engine` is set when the service starts."""
-    app = Starlette(
+V1_ROUTES = {"/completions": "POST", "/chat/completions": "POST", "/models": "GET"}
+
+
+async def not_found(request: Request) -> Response:
+    """Every other path under /v1: OpenAI's 404 (or 405), naming the route."""
+    path = request.url.path
+    route = path.removeprefix("/v1")
+    if route in V1_ROUTES:
+        return OpenAIError(
+            405, f"{request.method} {path} is not allowed; use {V1_ROUTES[route]}"
+        ).response()
+    return OpenAIError(
+        404, f"{request.method} {path} does not exist on this server", code="not_found"
+    ).response()
+
+
+async def tokenize(request: Request) -> Response:
+    async def handle() -> Response:
+        frontend: Frontend = request.app.state.frontend
+        req = parse(await request.body(), TokenizeRequest)
+        _check_model(req.model, frontend.engine)
+        if (req.prompt is None) == (req.messages is None):
+            raise OpenAIError(400, "send exactly one of prompt and messages", "prompt")
+        text = req.prompt
+        if req.messages is not None:
+            text = render_chat(frontend, req.messages, None, req)
+        ids = prompt_ids(frontend.engine, text, "prompt") if text else []
+        body: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": frontend.engine.max_model_len,
+            "tokens": ids,
+            "token_strs": [frontend.tokens.strings[t] for t in ids]
+            if req.return_token_strs
+            else None,
+        }
+        return JSONResponse(body)
+
+    return await _answer(handle)
+
+
+async def detokenize(request: Request) -> Response:
+    async def handle() -> Response:
+        frontend: Frontend = request.app.state.frontend
+        req = parse(await request.body(), DetokenizeRequest)
+        _check_model(req.model, frontend.engine)
+        if req.tokens:
+            prompt_ids(frontend.engine, req.tokens, "tokens")  # checks the ids
+        return JSONResponse({"prompt": frontend.engine.tokenizer.decode(req.tokens)})
+
+    return await _answer(handle)
+
+
+async def tokenizer_info(request: Request) -> Response:
+    """What a remote tokenizer needs (lm-eval reads it): special tokens, template, sizes."""
+    frontend: Frontend = request.app.state.frontend
+    tok = frontend.engine.tokenizer
+    return JSONResponse(
+        {
+            "tokenizer_class": type(tok).__name__,
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token,
+            "unk_token": tok.unk_token,
+            "eos_token_id": tok.eos_token_id,
+            "vocab_size": frontend.engine.vocab_size,
+            "model_max_length": frontend.engine.max_model_len,
+            "chat_template": frontend.chat_template.source,
+            "add_bos_token": False,
+        }
+    )
+
+
+async def health(request: Request) -> Response:
+    """200 while the engine is healthy; 503 naming why not (vLLM's /health)."""
+    reason = request.app.state.frontend.engine.health()
+    if reason is None:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unavailable", "error": reason}, status_code=503)
+
+
+async def version(request: Request) -> Response:
+    frontend: Frontend = request.app.state.frontend
+    return JSONResponse(
+        {
+            "version": textgen.__version__,
+            "bentoml": _version("bentoml"),
+            "model": frontend.engine.info.tag,
+        }
+    )
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_app() -> Starlette:
+    """The app mounted at /v1; `attach` gives it its engine when the service starts."""
+    return Starlette(
         routes=[
             Route("/completions", completions, methods=["POST"]),
+            Route("/chat/completions", chat_completions, methods=["POST"]),
             Route("/models", models, methods=["GET"]),
+            Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]
     )
-    app.state.engine = engine
-    app.state.created = int(time.time())
-    return app
+
+
+def build_server_app() -> Starlette:
+    """The app mounted at the root (it answers only its own paths)."""
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/version", version, methods=["GET"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize, methods=["POST"]),
+            Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
+        ]
+    )

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
-MAX_LOGPROBS = 5
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on one logit_bias value
+MAX_STOP_TOKEN_IDS = 64
 MAX_TEMPERATURE = 100.0  # beyond it every distribution is uniform to float precision
 MAX_REPETITION_PENALTY = 100.0
 # Below this a temperature is greedy decoding (as vLLM treats it): dividing by it
@@ -47,7 +48,7 @@ def _require(ok: bool, param: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 50  # tokens to generate at most
+    max_new_tokens: int = 50  # tokens to generate at most; 0: only the prompt runs
     min_new_tokens: int = 0  # EOS is suppressed until this many were generated
     # False: greedy argmax; True: sample from the processed distribution. A temperature
     # below GREEDY_TEMPERATURE makes it False.
@@ -59,16 +60,22 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL-style: divides positive logits of seen tokens
     presence_penalty: float = 0.0  # OpenAI: subtracted once from each generated token's logit
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
-    stop: tuple[str, ...] = ()  # stop sequences matched on decoded text, not returned
+    stop: tuple[str, ...] = ()  # stop sequences matched on decoded text
+    include_stop_str_in_output: bool = False  # a matched stop sequence ends the text
+    stop_token_ids: tuple[int, ...] = ()  # generating one of these stops (its text not shown)
     seed: int | None = None  # seeds the request's own random.Random when sampling
     ignore_eos: bool = False  # keep generating past EOS until max_new_tokens
     logprobs: int | None = None  # None: none; k: chosen token's logprob and k alternatives
+    # None: none; k: for every prompt token after the first, its logprob given the tokens
+    # before it and the k most likely there (the engine bounds k, `max_logprobs`)
+    prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         _require(
-            self.max_new_tokens >= 1,
+            self.max_new_tokens >= 0,
             "max_new_tokens",
-            f"max_new_tokens must be >= 1, got {self.max_new_tokens}",
+            f"max_new_tokens must be >= 0, got {self.max_new_tokens}",
         )
         _require(
             0 <= self.min_new_tokens <= self.max_new_tokens,
@@ -120,16 +127,36 @@ class SamplingParams:
             "seed",
             f"seed must be in [0, 2**63), got {self.seed}",
         )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _require(value is None or value >= 0, name, f"{name} must be >= 0, got {value}")
+        for token_id, bias in self.logit_bias:
+            _require(
+                math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS,
+                "logit_bias",
+                f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                f"got {bias} for token {token_id}",
+            )
         _require(
-            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-            "logprobs",
-            f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
+            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+            "stop_token_ids",
+            f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, "
+            f"got {len(self.stop_token_ids)}",
         )
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.prompt_logprobs is not None
 
     @property
     def sampling_seed(self) -> int | None:
         """The seed that shaped the text: None for greedy decoding."""
         return self.seed if self.do_sample else None
+
+    @property
+    def named_token_ids(self) -> tuple[int, ...]:
+        """Every token id the request names (the engine checks them against the vocab)."""
+        return tuple(t for t, _ in self.logit_bias) + self.stop_token_ids
 
     @property
     def penalized(self) -> bool:

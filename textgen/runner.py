@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +119,11 @@ class GPT2Runner:
             self.kv_cache[:, :, torch.tensor(slots, device=self.device)] = 0
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Runs whole prompts into their slots; returns next-token logits (n, V) float32."""
+    def prefill(
+        self, prompts: list[list[int]], slots: list[int], every_position: Seq[int] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Runs whole prompts into their slots. Returns next-token logits (n, V) float32,
+        and for each row in `every_position` the logits of all its positions, (T_i, V)."""
         n = len(prompts)
         t = max(len(p) for p in prompts)
         ids = torch.zeros((n, t), dtype=torch.long)
@@ -136,8 +140,9 @@ class GPT2Runner:
             kv[1, slot_ids, :, :t] = v
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scaling)
             x = self._finish_block(block, x, a)
+        scored = [self.lm_head(self.ln_f(x[i, : len(prompts[i])])).float() for i in every_position]
         x = x[torch.arange(n, device=self.device), last]  # (n, C)
-        return self.lm_head(self.ln_f(x)).float()
+        return self.lm_head(self.ln_f(x)).float(), scored
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:

@@ -5,7 +5,8 @@ applies its processors and warpers:
 
 1. penalties, on the rows that have any: repetition (CTRL-style, over the
    prompt and the output), then presence and frequency (OpenAI, the output);
-2. EOS suppressed in rows below their `min_new_tokens`;
+2. each row's `logit_bias` added (OpenAI), then EOS suppressed in rows below
+   their `min_new_tokens`;
 3. greedy rows take the argmax; sampling rows divide by their temperature,
    keep their top-k, then their top-p nucleus, then drop tokens below
    min_p x the best one's probability, and draw.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from textgen.params import SamplingParams
-from textgen.scheduler import Sequence
+from textgen.scheduler import PromptLogprob, Sequence
 
 INVALID = -1  # the token of a row whose model logits are not finite
 # Candidates taken for top-p without top-k; a row whose nucleus is wider sorts all.
@@ -97,20 +98,26 @@ class Sampler:
         return self._choices(logits, token_ids, seqs)
 
     def _process(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
-        """Penalties and EOS suppression, on a copy, only when a row has any."""
+        """Penalties, logit biases and EOS suppression, on a copy, only when a row has any."""
         penalized = [i for i, seq in enumerate(seqs) if seq.params.penalized]
+        biases = [(i, t, b) for i, seq in enumerate(seqs) for t, b in seq.params.logit_bias]
         eos = self.eos_token_id
         suppress = (
             [i for i, seq in enumerate(seqs) if len(seq.output_ids) < seq.params.min_new_tokens]
             if eos is not None
             else []
         )
-        if not penalized and not suppress:
+        if not penalized and not biases and not suppress:
             return logits
         processed = logits.clone()
         if penalized:
             rows = torch.tensor(penalized, device=self.device)
             processed[rows] = self._penalize(processed[rows], [seqs[i] for i in penalized])
+        if biases:  # |bias| <= 100: finite logits stay finite, -inf stays -inf
+            rows, tokens, values = zip(*biases, strict=True)
+            index = torch.tensor([rows, tokens], device=self.device)  # (2, N)
+            bias = torch.tensor(values, device=self.device)  # (N,)
+            processed.index_put_((index[0], index[1]), bias, accumulate=True)
         if suppress:
             processed[torch.tensor(suppress, device=self.device), eos] = float("-inf")
         return processed
@@ -267,6 +274,23 @@ class Sampler:
             n = seqs[i].params.logprobs or 0
             choices[i] = Choice(token_ids[i], lp, tuple(zip(ids[:n], values[:n], strict=True)))
         return choices
+
+
+@torch.inference_mode()
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list[PromptLogprob]:
+    """(T, V) float32 logits of every prompt position (row t predicts token t + 1) -> one
+    entry per prompt token: None for the first, then (logprob, top k). Raises ValueError
+    when the model's logits are not finite."""
+    if not bool(logits.isfinite().all()):
+        raise ValueError("the model's logits for the prompt are not finite")
+    logprobs = logits[:-1].log_softmax(dim=-1)  # (T - 1, V)
+    ids = torch.tensor(prompt_ids[1:], device=logits.device)
+    chosen: list[float] = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0],) * 2
+    entries: list[PromptLogprob] = [None]
+    for lp, values, tops in zip(chosen, top_values.tolist(), top_ids.tolist(), strict=True):
+        entries.append((lp, tuple(zip(tops, values, strict=True))))
+    return entries
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

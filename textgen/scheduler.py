@@ -63,6 +63,9 @@ class FinishEvent:
 
 
 Event = TokenEvent | FinishEvent
+# One prompt position: (logprob of the prompt's token there given the tokens before it,
+# the most likely tokens there as (id, logprob), best first). The first position has none.
+PromptLogprob = tuple[float, tuple[tuple[int, float], ...]] | None
 
 _ids = itertools.count()
 
@@ -85,10 +88,13 @@ class Sequence:
     last_token_time: float | None = None  # perf_counter() of the latest token
     events: list[Event] = field(default_factory=list)  # drained by the engine after each step
     error: str | None = None  # why it failed, once it has
+    # One entry per prompt token when `params.prompt_logprobs` is set: written by the
+    # engine thread at prefill, before the sequence's first event is delivered.
+    prompt_logprobs: list[PromptLogprob] | None = None
 
     def __post_init__(self) -> None:
         self._detokenizer = Detokenizer(self.decoder)
-        self._stop = StopMatcher(self.params.stop)
+        self._stop = StopMatcher(self.params.stop, keep=self.params.include_stop_str_in_output)
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +122,8 @@ class Sequence:
         params = self.params
         if token_id == eos_token_id and not params.ignore_eos:
             return self._drain(), Status.FINISHED_EOS
+        if token_id in params.stop_token_ids:
+            return self._drain(), Status.FINISHED_STOP
         piece = self._stop.push(self._detokenizer.add(token_id))
         if self._stop.matched is not None:
             return piece, Status.FINISHED_STOP

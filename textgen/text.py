@@ -10,7 +10,8 @@ Two small pieces, both pure (no model):
 
 from __future__ import annotations
 
-from typing import Protocol
+import codecs
+from typing import Any, Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -55,11 +56,13 @@ class StopMatcher:
 
     Invariant: `text[:emitted]` was shown to the client and contains no stop
     sequence, and no suffix of it that could begin one was shown (that suffix is
-    held back), so a match can only start at or after `emitted`.
+    held back), so a match can only start at or after `emitted`. With `keep`, the
+    matched stop sequence itself is shown last (vLLM's include_stop_str_in_output).
     """
 
-    def __init__(self, stop: tuple[str, ...]) -> None:
+    def __init__(self, stop: tuple[str, ...], keep: bool = False) -> None:
         self._stop = stop
+        self._keep = keep
         self._text = ""
         self._emitted = 0
         self.matched: str | None = None
@@ -74,8 +77,9 @@ class StopMatcher:
         hits = [(i, s) for s in self._stop if (i := self._text.find(s, self._emitted)) >= 0]
         if hits:
             start, self.matched = min(hits)
-            out = self._emit(start)
-            self._text = self._text[:start]
+            end = start + len(self.matched) if self._keep else start
+            out = self._emit(end)
+            self._text = self._text[:end]
             return out
         return self._emit(len(self._text) - self._held_back())
 
@@ -98,3 +102,57 @@ class StopMatcher:
         out = self._text[self._emitted : end]
         self._emitted = max(self._emitted, end)
         return out
+
+
+class TokenTable:
+    """How each token id is written in API responses.
+
+    GPT-2's byte-level BPE has tokens that are fragments of a UTF-8 character.
+    Decoded alone they all read U+FFFD, so OpenAI writes such a token as
+    `bytes:\\xNN...`; whole-character tokens are their text. Every id gets a
+    distinct string, so `top_logprobs` keys never collide.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        pieces = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
+        self.bytes: list[bytes] = []
+        self.strings: list[str] = []
+        for token_id, piece in enumerate(pieces):
+            if piece in tokenizer.all_special_tokens or any(c not in byte_of for c in piece):
+                raw = tokenizer.decode([token_id]).encode("utf-8")  # added and special tokens
+            else:
+                raw = bytes(byte_of[c] for c in piece)
+            self.bytes.append(raw)
+            self.strings.append(_display(raw))
+        for _ in range(len(pieces), vocab_size):  # ids the model has and the tokenizer lacks
+            self.bytes.append(b"")
+            self.strings.append("")
+
+    def offsets(self, token_ids: list[int]) -> list[int]:
+        """Where each token starts in the decoded text of `token_ids`, in characters."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offsets, chars = [], 0
+        for token_id in token_ids:
+            offsets.append(chars)
+            chars += len(decoder.decode(self.bytes[token_id]))
+        return offsets
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte <-> printable character map: the characters its vocab is written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _display(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)

@@ -1,0 +1,108 @@
+"""Chat messages to one prompt string, through a Jinja chat template.
+
+GPT-2 has no chat template and is not instruction-tuned. The default is the one
+transformers shipped for GPT-2 (`default_chat_template`, removed in v4.43): every
+message's content followed by `<|endoftext|>`, roles ignored. A server-wide template
+(`TEXTGEN_CHAT_TEMPLATE`, a Jinja file) or a request's own `chat_template`
+replaces it. Templates render in Jinja's immutable sandbox, as transformers does,
+with `range` and the `*` / `**` operators bounded, so a request's template cannot
+make the server loop or allocate without limit.
+"""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError  # a TemplateError
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message.content }}{{ eos_token }}{% endfor %}"
+)
+MAX_TEMPLATE_CHARS = 16_384  # a request's own template
+MAX_RANGE = 10_000  # items one `range` may yield
+MAX_PRODUCT = 1 << 20  # elements or characters one `*` may make
+
+
+class ChatTemplateError(ValueError):
+    """The template is invalid or failed to render; the message says where."""
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
+        if operator_name == "**":
+            ints = isinstance(left, int) and isinstance(right, int)
+            if ints and (abs(right) > 64 or left.bit_length() > 4096):
+                raise SecurityError("`**` operands are above the limits (exponent 64)")
+            return operator.pow(left, right)
+        for seq, times in ((left, right), (right, left)):
+            sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
+            if sized and len(seq) * times > MAX_PRODUCT:
+                raise SecurityError(f"`*` would make {len(seq) * times} items")
+        return operator.mul(left, right)
+
+
+def _bounded_range(*args: int) -> range:
+    r = range(*args)
+    if len(r) > MAX_RANGE:
+        raise SecurityError(f"range of {len(r)} items is above the limit of {MAX_RANGE}")
+    return r
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+_ENV = _Environment(trim_blocks=True, lstrip_blocks=True)
+_ENV.globals["range"] = _bounded_range
+_ENV.globals["raise_exception"] = _raise  # what Hugging Face templates call on bad input
+
+
+class ChatTemplate:
+    """A compiled template and the special tokens it may use."""
+
+    def __init__(self, source: str, eos_token: str | None, bos_token: str | None) -> None:
+        try:
+            self._template = _ENV.from_string(source)
+        except TemplateError as exc:
+            raise ChatTemplateError(f"chat_template does not compile: {exc}") from None
+        self.source = source
+        self._tokens = {"eos_token": eos_token or "", "bos_token": bos_token or ""}
+
+    @classmethod
+    def for_server(cls, path: str | None, tokenizer: Any) -> ChatTemplate:
+        """The server's template: the file at `path` (TEXTGEN_CHAT_TEMPLATE), else the
+        tokenizer's own, else GPT-2's default."""
+        if path is not None:
+            source = Path(path).read_text()
+        else:
+            source = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        return cls(source, tokenizer.eos_token, tokenizer.bos_token)
+
+    def with_source(self, source: str) -> ChatTemplate:
+        """A request's own template, with this one's special tokens."""
+        if len(source) > MAX_TEMPLATE_CHARS:
+            raise ChatTemplateError(
+                f"chat_template has {len(source)} characters; the limit is {MAX_TEMPLATE_CHARS}"
+            )
+        return ChatTemplate(source, self._tokens["eos_token"], self._tokens["bos_token"])
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        try:
+            return self._template.render(
+                **kwargs,
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                **self._tokens,
+            )
+        except (TemplateError, TypeError, ValueError, ArithmeticError, RecursionError) as exc:
+            raise ChatTemplateError(f"chat_template failed to render: {exc}") from None
