@@ -43,6 +43,14 @@ MESSAGES = [
 EOT = "<|endoftext|>"
 TEMPLATED = "".join(m["content"] + EOT for m in MESSAGES)  # GPT-2's default chat template
 
+# LiteLLM's own models warn about pydantic features as it builds them: not this project's.
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:Items? .* (is|are) using the `ReadOnly` qualifier:UserWarning"
+    ),
+    pytest.mark.filterwarnings("ignore:Accessing the 'model_(computed_)?fields' attribute"),
+]
+
 
 @pytest.fixture(scope="module")
 def client(server):

@@ -23,6 +23,9 @@ def test_no_server_errors_and_responses_conform(server, tmp_path):
             "30",
             "--phases",
             "examples,coverage,fuzzing",
+            # A chat request without max_tokens generates to the end of the context.
+            "--request-timeout",
+            "120",
             "--suppress-health-check",
             "all",
             "--report",

@@ -197,6 +197,7 @@ class _Choice:
     top: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     cumulative_logprob: float = 0.0  # of the generated tokens: how best_of ranks
+    generated: int = 0  # tokens received so far (the engine may be ahead of them)
     finish_reason: str | None = None
     started: bool = False  # whether its first event was sent (streaming)
 
@@ -216,6 +217,7 @@ class _Choice:
         self.top.append(event.top_logprobs)
         self.text += event.text
         self.cumulative_logprob += event.logprob or 0.0
+        self.generated += 1
 
     def completion_logprobs(self, tokens: TokenTable, start: int = 0) -> dict[str, Any]:
         """OpenAI's legacy shape over entries `start:`; each top dict holds the chosen token."""
@@ -277,7 +279,8 @@ class _Request:
         self.prompt_tokens = 0
 
     def usage(self) -> dict[str, int]:
-        completion = sum(len(s.output_ids) for s in self.seqs)
+        """Tokens of the events read so far: in a stream, up to the chunk it rides on."""
+        completion = sum(ch.generated for ch in self.choices)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
@@ -538,7 +541,7 @@ async def _generate(request: Request, schema: type[Any], shape: type[_Request]) 
         _check_model(req.model, frontend.engine)
         headers = {}
         if req.ignored_fields:
-            ignored = ", ".join(req.ignored_fields)
+            ignored = _header_safe(", ".join(req.ignored_fields))
             logger.warning("%s: ignored unknown fields: %s", request.url.path, ignored)
             headers[IGNORED_FIELDS_HEADER] = ignored
         work = shape(req, frontend)
@@ -556,6 +559,12 @@ async def _generate(request: Request, schema: type[Any], shape: type[_Request]) 
         return JSONResponse(work.body(), headers=headers)
 
     return await _answer(handle)
+
+
+def _header_safe(text: str, limit: int = 1024) -> str:
+    """Printable ASCII (escapes for the rest: no header or log line injection), bounded."""
+    escaped = text.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
 async def _sse_stream(work: Any, events: EventStream) -> AsyncGenerator[str, None]:
@@ -592,6 +601,18 @@ async def models(request: Request) -> Response:
         "metadata": {"random_weights": info.random_weights, "source": info.source},
     }
     return JSONResponse({"object": "list", "data": [card]})
+
+
+async def model_card(request: Request) -> Response:
+    """`GET /v1/models/{id}`: the card, or OpenAI's 404 for another id."""
+    frontend: Frontend = request.app.state.frontend
+    model = request.path_params["model"]
+    try:
+        _check_model(model, frontend.engine)
+    except OpenAIError as exc:
+        return exc.response()
+    listing = json.loads((await models(request)).body)
+    return JSONResponse(listing["data"][0])
 
 
 V1_ROUTES = {"/completions": "POST", "/chat/completions": "POST", "/models": "GET"}
@@ -699,6 +720,7 @@ def build_app() -> Starlette:
             Route("/completions", completions, methods=["POST"]),
             Route("/chat/completions", chat_completions, methods=["POST"]),
             Route("/models", models, methods=["GET"]),
+            Route("/models/{model:path}", model_card, methods=["GET"]),
             Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]
     )

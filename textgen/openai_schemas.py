@@ -102,8 +102,8 @@ class ChatMessage(BaseModel):
     def as_template_input(self) -> dict[str, Any]:
         """The message as a template reads it: content always a string."""
         content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
+        if isinstance(content, list):  # text parts, joined as vLLM joins them
+            content = "\n".join(part.text for part in content)
         out = {**(self.model_extra or {}), "role": self.role, "content": content or ""}
         if self.name is not None:
             out["name"] = self.name
