@@ -62,9 +62,9 @@ TASKS = {
 }
 
 
-def write_tasks(folder: Path) -> list[str]:
+def write_tasks(folder: Path, questions_: list | None = None) -> list[str]:
     """Local JSON tasks in an lm-eval include folder; returns their names."""
-    questions = [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS]
+    questions = [{"question": q, "choices": c, "answer": a} for q, c, a in questions_ or QUESTIONS]
     data = {"choice": questions, "greedy": questions, "rolling": [{"text": d} for d in DOCUMENTS]}
     names = []
     for kind, spec in TASKS.items():
@@ -110,11 +110,19 @@ def per_sample(results: dict[str, Any], task: str) -> list[tuple[int, Any]]:
     return [(s["doc_id"], s["resps"]) for s in samples]
 
 
+def with_greedy_choice(tiny_model: Any, tokenizer: Any) -> list[tuple[str, list[str], int]]:
+    """QUESTIONS and one more whose first choice is the model's own greedy continuation,
+    so `is_greedy` is True once."""
+    question = "The model's favourite words are"
+    greedy = tokenizer.decode(hf_greedy(tiny_model, tokenizer(question).input_ids, 3))
+    return [*QUESTIONS, (question, [greedy, " none at all"], 0)]
+
+
 @pytest.fixture(scope="module")
-def both(server, model_store, tmp_path_factory) -> tuple[dict, dict, list[str]]:
+def both(server, model_store, tmp_path_factory, tiny_model, tokenizer):
     home, tag = model_store
     folder = tmp_path_factory.mktemp("lm_eval_tasks")
-    tasks = write_tasks(folder)
+    tasks = write_tasks(folder, with_greedy_choice(tiny_model, tokenizer))
     path = store_entries(home)[tag].path
     served = evaluate(
         "local-completions",
@@ -146,16 +154,19 @@ def test_loglikelihoods_equal_the_hf_backend(both, task):
             assert abs(m_ll - r_ll) <= 1e-3, (task, doc, m_ll, r_ll)
             compared += 1
     assert compared == (
-        sum(len(c) for _, c, _ in QUESTIONS) if task == "textgen_choice" else len(DOCUMENTS)
+        sum(len(c) for _, c, _ in QUESTIONS) + 2 if task == "textgen_choice" else len(DOCUMENTS)
     )
 
 
 def test_is_greedy_flags_equal_the_hf_backend(both):
     served, reference, _ = both
+    flags: list[bool] = []
     for (doc, mine), (_, ref) in zip(
         per_sample(served, "textgen_choice"), per_sample(reference, "textgen_choice"), strict=True
     ):
         assert [m[0][1] for m in mine] == [r[0][1] for r in ref], doc
+        flags += [m[0][1] for m in mine]
+    assert flags.count(True) == 1  # the model's own continuation, and nothing else
 
 
 def test_greedy_generations_equal_the_hf_backend(both):
