@@ -193,3 +193,13 @@ def test_include_stop_str_in_output_keeps_the_matched_stop(engine, tokenizer, ti
     assert kept.text == free[: free.index(stop) + len(stop)]
     assert cut.text == free[: free.index(stop)]
     assert kept.status is cut.status is Status.FINISHED_STOP
+
+
+def test_stop_token_ids_wait_for_min_new_tokens(engine, tokenizer, tiny_model):
+    free = hf_greedy(tiny_model, tokenizer(OTHER).input_ids, 12)
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=8, stop_token_ids=(free[4],))
+    tokens, final = run(_final(engine, OTHER, params))
+    assert tokens[:4] == free[:4]
+    assert free[4] not in tokens[:8]  # suppressed, as EOS is, below min_new_tokens
+    assert len(tokens) >= 8
+    assert final.status is (Status.FINISHED_STOP if free[4] in tokens else Status.FINISHED_LENGTH)

@@ -5,8 +5,8 @@ applies its processors and warpers:
 
 1. penalties, on the rows that have any: repetition (CTRL-style, over the
    prompt and the output), then presence and frequency (OpenAI, the output);
-2. each row's `logit_bias` added (OpenAI), then EOS suppressed in rows below
-   their `min_new_tokens`;
+2. each row's `logit_bias` added (OpenAI), then EOS and the row's stop token
+   ids suppressed while it is below its `min_new_tokens`;
 3. greedy rows take the argmax; sampling rows divide by their temperature,
    keep their top-k, then their top-p nucleus, then drop tokens below
    min_p x the best one's probability, and draw.
@@ -101,12 +101,16 @@ class Sampler:
         """Penalties, logit biases and EOS suppression, on a copy, only when a row has any."""
         penalized = [i for i, seq in enumerate(seqs) if seq.params.penalized]
         biases = [(i, t, b) for i, seq in enumerate(seqs) for t, b in seq.params.logit_bias]
-        eos = self.eos_token_id
-        suppress = (
-            [i for i, seq in enumerate(seqs) if len(seq.output_ids) < seq.params.min_new_tokens]
-            if eos is not None
-            else []
-        )
+        # Below min_new_tokens, EOS and the stop tokens can't be chosen (as in vLLM).
+        suppress = [
+            (i, t)
+            for i, seq in enumerate(seqs)
+            if len(seq.output_ids) < seq.params.min_new_tokens
+            for t in (
+                *((self.eos_token_id,) if self.eos_token_id is not None else ()),
+                *seq.params.stop_token_ids,
+            )
+        ]
         if not penalized and not biases and not suppress:
             return logits
         processed = logits.clone()
@@ -119,7 +123,8 @@ class Sampler:
             bias = torch.tensor(values, device=self.device)  # (N,)
             processed.index_put_((index[0], index[1]), bias, accumulate=True)
         if suppress:
-            processed[torch.tensor(suppress, device=self.device), eos] = float("-inf")
+            index = torch.tensor(suppress, device=self.device).T  # (2, N): rows, tokens
+            processed[index[0], index[1]] = float("-inf")
         return processed
 
     def _penalize(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
