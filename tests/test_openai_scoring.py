@@ -9,7 +9,7 @@ import openai
 import pytest
 import torch
 
-from tests.conftest import load_stored_model
+from tests.conftest import KEY, load_stored_model
 
 PROMPT = "Scoring — ünïcödé 日本語 🙂 is"
 
@@ -303,3 +303,18 @@ def test_openapi_document_has_the_openai_routes(server):
     fields = spec["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"prompt", "echo", "logprobs", "logit_bias", "best_of"} <= set(fields)
     assert "messages" in spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+
+
+def test_the_api_key_guards_chat_and_the_tokenizer_routes(guarded):
+    bodies = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+        "/tokenize": {"prompt": "Hi"},
+        "/detokenize": {"tokens": [1]},
+    }
+    for route, body in bodies.items():
+        r = httpx.post(f"{guarded.url}{route}", json=body, timeout=30)
+        assert r.status_code == 401, route
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.post(f"{guarded.url}{route}", json=body, headers=auth, timeout=30).is_success
+    for route in ("/health", "/tokenizer_info", "/version"):  # probes and metadata stay open
+        assert httpx.get(f"{guarded.url}{route}", timeout=30).status_code == 200
