@@ -61,30 +61,88 @@ def test_chat_logprobs_have_openais_shape(client):
         assert item.top_logprobs[0].token == item.token
 
 
-def test_a_requests_own_template_is_used(client, tokenizer, tiny_model):
-    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}Answer:"
-    result = chat(client, max_tokens=5, extra_body={"chat_template": template})
+def test_request_templates_are_refused_unless_the_server_trusts_them(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, max_tokens=2, extra_body={"chat_template": "{{ messages }}"})
+    assert err.value.body["param"] == "chat_template"
+    assert err.value.body["message"] == (
+        "chat_template is not accepted from requests on this server "
+        "(TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE is off)"
+    )
+
+
+@pytest.fixture(scope="module")
+def trusting(tiny_model, tokenizer):
+    """The OpenAI app in-process, on an engine that trusts request templates."""
+    eng = make_engine(tiny_model, tokenizer, trust_request_chat_template=True)
+    v1, root = openai_api.build_app(), openai_api.build_server_app()
+    openai_api.attach(eng, v1, root)
+    with TestClient(Starlette(routes=[Mount("/v1", v1), Mount("/", root)])) as c:
+        yield c
+    eng.shutdown()
+
+
+def test_a_requests_own_template_is_used_when_trusted(trusting, tokenizer, tiny_model):
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{{ tail }}"
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 5,
+        "temperature": 0,
+        "chat_template": template,
+        "chat_template_kwargs": {"tail": "Answer:"},
+    }
+    result = trusting.post("/v1/chat/completions", json=body).json()
     prompt = "[system] You are terse.\n[user] Name a colour.\nAnswer:"
     expected = hf_greedy(tiny_model, tokenizer(prompt).input_ids, 5)
-    assert result.choices[0].message.content == tokenizer.decode(expected)
+    assert result["choices"][0]["message"]["content"] == tokenizer.decode(expected)
+    tokens = trusting.post("/tokenize", json={**body, "max_tokens": None}).json()["tokens"]
+    assert tokens == tokenizer(prompt).input_ids
 
 
 @pytest.mark.parametrize(
-    ("template", "message"),
+    ("template", "kwargs", "message"),
     [
-        ("{% for m in messages %}", "chat_template does not compile: "),
-        ("{{ range(10**9) | list }}", "chat_template failed to render: range of 1000000000"),
-        ("{{ 'x' * 100000000 }}", "chat_template failed to render: `*` would make 100000000"),
-        ("{{ raise_exception('no system role') }}", "chat_template failed to render: no system"),
-        ("{{ cycler.__init__.__globals__.os }}", "chat_template failed to render: "),
-        ("{# pad #}" * 2000, "chat_template has 18000 characters; the limit is 16384"),
+        ("{% for m in messages %}", None, "chat_template does not compile: "),
+        ("{{ range(10**9) | list }}", None, "chat_template failed to render: range of 1000000000"),
+        ("{{ 'x' * 100000000 }}", None, "chat_template failed to render: `*` would make 100000000"),
+        (
+            "{{ raise_exception('no system role') }}",
+            None,
+            "chat_template failed to render: no system",
+        ),
+        ("{{ cycler.__init__.__globals__.os }}", None, "chat_template failed to render: "),
+        ("{{ 'x'|truncate(-5) }}", None, "chat_template failed to render: AssertionError"),
+        ("{{ '{0}'.format() }}", None, "chat_template failed to render: IndexError"),
+        (
+            "{% for i in range(9000) %}{{ 'xx' }}{% endfor %}",
+            None,
+            "the chat template's output passes the limit of 16384 characters",
+        ),
+        ("{# pad #}" * 2000, None, "chat_template has 18000 characters; the limit is 16384"),
+        (
+            "{{ x }}",
+            {"messages": 1, "eos_token": 2},
+            "chat_template_kwargs may not set eos_token, messages",
+        ),
     ],
 )
-def test_a_bad_or_hostile_template_gets_a_400(client, template, message):
-    with pytest.raises(openai.BadRequestError) as err:
-        chat(client, max_tokens=2, extra_body={"chat_template": template})
-    assert err.value.body["param"] == "chat_template"
-    assert err.value.body["message"].startswith(message)
+def test_a_bad_or_hostile_template_gets_a_400(trusting, template, kwargs, message):
+    body = {"messages": MESSAGES, "max_tokens": 2, "chat_template": template}
+    if kwargs is not None:
+        body["chat_template_kwargs"] = kwargs
+    for route in ("/v1/chat/completions", "/tokenize"):
+        r = trusting.post(route, json=body)
+        assert r.status_code == 400, (route, r.text)
+        assert r.json()["error"]["param"] == "chat_template"
+        assert r.json()["error"]["message"].startswith(message)
+
+
+def test_chat_template_kwargs_must_be_an_object(server):
+    for route in ("/v1/chat/completions", "/tokenize"):
+        body = {"messages": MESSAGES, "chat_template_kwargs": "ab"}
+        r = httpx.post(f"{server.url}{route}", json=body, timeout=30)
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "chat_template_kwargs"
 
 
 @pytest.mark.parametrize(
@@ -99,9 +157,10 @@ def test_a_bad_or_hostile_template_gets_a_400(client, template, message):
         ),
         (
             {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
-            "logprobs",
-            "logprobs must be <= 20 (TEXTGEN_MAX_LOGPROBS), got 21",
+            "top_logprobs",
+            "top_logprobs must be <= 20 (TEXTGEN_MAX_LOGPROBS), got 21",
         ),
+        ({"messages": MESSAGES, "n": 9}, "n", "n must be <= 8, got 9"),
         (
             {"messages": MESSAGES, "max_tokens": 2000},
             "max_tokens",

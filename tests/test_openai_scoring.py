@@ -288,6 +288,7 @@ def test_tokenizer_health_and_version_routes(server, tokenizer):
 def test_openapi_document_has_the_openai_routes(server):
     spec = httpx.get(f"{server.url}/docs.json").json()
     for path in (
+        "/v1/models/{model}",
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/models",
@@ -318,3 +319,72 @@ def test_the_api_key_guards_chat_and_the_tokenizer_routes(guarded):
         assert httpx.post(f"{guarded.url}{route}", json=body, headers=auth, timeout=30).is_success
     for route in ("/health", "/tokenizer_info", "/version"):  # probes and metadata stay open
         assert httpx.get(f"{guarded.url}{route}", timeout=30).status_code == 200
+
+
+def test_text_offsets_count_the_generated_text_while_a_stop_holds_text_back(client):
+    # "a" could begin the stop "ab", so the stop matcher holds each "a" back a while.
+    kw = {"prompt": "x", "max_tokens": 5, "logprobs": 0, "logit_bias": {"64": 100}}
+    for stop in (None, ["ab"]):
+        choice = complete(client, stop=stop, **kw).choices[0]
+        assert choice.text == "aaaaa"
+        assert choice.logprobs.text_offset == [0, 1, 2, 3, 4]
+        echoed = complete(client, stop=stop, echo=True, **kw).choices[0]
+        assert echoed.logprobs.text_offset == [0, 1, 2, 3, 4, 5]
+        streamed = [
+            o
+            for c in complete(client, stop=stop, stream=True, **kw)
+            if c.choices and c.choices[0].logprobs
+            for o in c.choices[0].logprobs.text_offset
+        ]
+        assert streamed == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        ({str(i): 1 for i in range(301)}, "logit_bias takes at most 300 tokens, got 301"),
+        ({"+64": 1}, "logit_bias keys must be token ids, got '+64'"),
+        ({"6_4": 1}, "logit_bias keys must be token ids, got '6_4'"),
+        ({" 64": 1}, "logit_bias keys must be token ids, got ' 64'"),
+    ],
+)
+def test_logit_bias_is_bounded_and_keyed_by_token_ids(client, bias, message):
+    with pytest.raises(openai.BadRequestError) as err:
+        complete(client, prompt="Hi", max_tokens=1, logit_bias=bias)
+    assert (err.value.body["param"], err.value.body["message"]) == ("logit_bias", message)
+
+
+def test_a_full_logit_bias_costs_its_neighbours_nothing_they_can_see(client):
+    bias = {str(i): -1 for i in range(300)}
+    plain = complete(client, prompt="Hello", max_tokens=8).choices[0].text
+    both = complete(client, prompt=["Hello", "Hello"], max_tokens=8, n=1, logit_bias=bias)
+    assert both.choices[0].text == both.choices[1].text
+    assert complete(client, prompt="Hello", max_tokens=8).choices[0].text == plain
+
+
+def test_n_beyond_the_limit_names_n(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        complete(client, prompt="Hi", max_tokens=1, n=9)
+    assert (err.value.body["param"], err.value.body["message"]) == ("n", "n must be <= 8, got 9")
+
+
+def test_usage_in_every_chunk_only_with_include_usage(client):
+    chunks = list(
+        complete(
+            client,
+            prompt="Hi",
+            max_tokens=3,
+            stream=True,
+            stream_options={"continuous_usage_stats": True},
+        )
+    )
+    assert all(c.usage is None for c in chunks)
+
+
+def test_every_method_on_an_unknown_v1_route_gets_openais_404(server):
+    for method in ("OPTIONS", "PUT", "DELETE", "PATCH"):
+        r = httpx.request(method, f"{server.url}/v1/assistants", timeout=10)
+        assert r.status_code == 404, method
+        assert (
+            r.json()["error"]["message"] == f"{method} /v1/assistants does not exist on this server"
+        )

@@ -165,6 +165,30 @@ def test_a_prefill_takes_at_most_its_token_budget_of_padded_prompts():
     assert [q.slot for q in s.running] == [0, 1, 2, 3]
 
 
+def test_scored_prompts_take_at_most_half_the_prefill_budget():
+    s = Scheduler(max_batch_size=8, max_waiting=10, max_prefill_tokens=100)
+
+    def prompt(n: int, scored: bool) -> Sequence:
+        return Sequence([1] * n, SamplingParams(prompt_logprobs=0 if scored else None), Letters())
+
+    a, b, c, d = prompt(20, True), prompt(20, True), prompt(20, True), prompt(20, False)
+    e = prompt(80, True)
+    s.submit([a, b, c, d, e])
+    assert s.admit()[0] == [a, b]  # with c: 60 scored positions > 50
+    assert s.admit()[0] == [c, d]  # e would make 100 scored
+    assert s.admit()[0] == [e]  # one prompt is admitted whatever it costs
+
+
+def test_include_stop_str_in_output_keeps_a_stop_token_text():
+    kept = seq(8, stop_token_ids=(3,), include_stop_str_in_output=True)
+    cut = seq(8, stop_token_ids=(3,))
+    for q in (kept, cut):
+        for token in (1, 2, 3):
+            q.append_token(token, EOS)
+    assert (kept.status, kept.text) == (Status.FINISHED_STOP, "abc")
+    assert (cut.status, cut.text) == (Status.FINISHED_STOP, "ab")
+
+
 def test_submit_refuses_beyond_the_waiting_limit_all_or_nothing():
     s = Scheduler(max_batch_size=1, max_waiting=2)
     s.submit([seq(), seq(), seq()])  # one row free + two waiting

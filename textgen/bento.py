@@ -114,6 +114,14 @@ def mounted_paths() -> tuple[dict[str, Any], dict[str, Any]]:
             )
         },
         "/v1/models": {"get": _operation("The served model (OpenAI)", _json(OBJECT), None, ())},
+        "/v1/models/{model}": {
+            "get": {
+                **_operation("The served model's card (OpenAI)", _json(OBJECT), None, (404,)),
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+            }
+        },
         "/tokenize": {
             "post": _operation(
                 "Text or chat messages to token ids (vLLM)",

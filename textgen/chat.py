@@ -3,10 +3,14 @@
 GPT-2 has no chat template and is not instruction-tuned. The default is the one
 transformers shipped for GPT-2 (`default_chat_template`, removed in v4.43): every
 message's content followed by `<|endoftext|>`, roles ignored. A server-wide template
-(`TEXTGEN_CHAT_TEMPLATE`, a Jinja file) or a request's own `chat_template`
-replaces it. Templates render in Jinja's immutable sandbox, as transformers does,
-with `range` and the `*` / `**` operators bounded, so a request's template cannot
-make the server loop or allocate without limit.
+(`TEXTGEN_CHAT_TEMPLATE`, a Jinja file) replaces it, and so does a request's own
+`chat_template` when the server trusts them (`TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE`,
+off by default, as in vLLM): a template is a program, and the sandbox below bounds
+what it can reach, not how long it runs.
+
+Templates render in Jinja's immutable sandbox, as transformers does, with `range`,
+`*` and `**` bounded and the output cut off at `max_chars`; any error is a
+ChatTemplateError (the client's 400), never a crash.
 """
 
 from __future__ import annotations
@@ -95,14 +99,34 @@ class ChatTemplate:
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
-        **kwargs: Any,
+        max_chars: int = 1 << 20,
+        kwargs: dict[str, Any] | None = None,
     ) -> str:
+        """The prompt text; raises ChatTemplateError past `max_chars` or on any error.
+        `kwargs` (a request's chat_template_kwargs) may not replace the names set here."""
+        kwargs = kwargs or {}
+        names = {"messages", "add_generation_prompt", *self._tokens}
+        clash = sorted(names & set(kwargs))
+        if clash:
+            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clash)}")
+        context = {
+            **kwargs,
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+            **self._tokens,
+        }
+        parts, size = [], 0
         try:
-            return self._template.render(
-                **kwargs,
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                **self._tokens,
-            )
-        except (TemplateError, TypeError, ValueError, ArithmeticError, RecursionError) as exc:
-            raise ChatTemplateError(f"chat_template failed to render: {exc}") from None
+            for part in self._template.generate(context):
+                size += len(part)
+                if size > max_chars:
+                    raise ChatTemplateError(
+                        f"the chat template's output passes the limit of {max_chars} characters"
+                    )
+                parts.append(part)
+        except ChatTemplateError:
+            raise
+        except Exception as exc:  # a template can raise anything (filters, format, memory)
+            detail = str(exc) if isinstance(exc, TemplateError) else f"{type(exc).__name__}: {exc}"
+            raise ChatTemplateError(f"chat_template failed to render: {detail}") from None
+        return "".join(parts)

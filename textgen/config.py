@@ -45,6 +45,17 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     model_tag: str = "gpt2:latest"  # BentoML model store tag to serve
@@ -64,6 +75,7 @@ class Settings:
     max_prompts: int = 256  # upper bound on prompts in one OpenAI request (lm-eval batches)
     max_logprobs: int = 20  # upper bound on logprobs / top_logprobs / prompt_logprobs
     chat_template: str | None = None  # a Jinja file; None: GPT-2's default (textgen/chat.py)
+    trust_request_chat_template: bool = False  # whether a request may send its own template
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
 
     @classmethod
@@ -98,5 +110,6 @@ class Settings:
             max_prompts=_env_int("TEXTGEN_MAX_PROMPTS", 256, 1),
             max_logprobs=_env_int("TEXTGEN_MAX_LOGPROBS", 20, 0),
             chat_template=os.environ.get("TEXTGEN_CHAT_TEMPLATE", "").strip() or None,
+            trust_request_chat_template=_env_bool("TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE", False),
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
         )

@@ -192,10 +192,12 @@ class Engine:
                 raise ParamError(
                     name, f"{name} must be <= {limit} (TEXTGEN_MAX_LOGPROBS), got {value}"
                 )
-        for token_id in params.named_token_ids:
+        named = [("logit_bias", t) for t, _ in params.logit_bias]
+        named += [("stop_token_ids", t) for t in params.stop_token_ids]
+        for name, token_id in named:
             if not 0 <= token_id < self.vocab_size:
                 raise ParamError(
-                    "logit_bias" if token_id in dict(params.logit_bias) else "stop_token_ids",
+                    name,
                     f"token id {token_id} is not in the vocabulary (0..{self.vocab_size - 1})",
                 )
 

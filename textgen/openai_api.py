@@ -15,6 +15,9 @@ harnesses score.
 
 from __future__ import annotations
 
+import asyncio
+import codecs
+import functools
 import json
 import logging
 import time
@@ -54,6 +57,7 @@ FINISH_REASONS = {
     Status.FINISHED_LENGTH: "length",
 }
 IGNORED_FIELDS_HEADER = "X-Ignored-Fields"  # unknown request fields, accepted and unused
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit on logit_bias entries
 
 
 @dataclass
@@ -114,20 +118,27 @@ def _check_model(model: str | None, engine: Engine) -> None:
 
 
 def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}`: keys are decimal token ids, at most MAX_LOGIT_BIAS."""
+    bias = bias or {}
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise OpenAIError(
+            400,
+            f"logit_bias takes at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}",
+            "logit_bias",
+        )
     out = []
-    for key, value in (bias or {}).items():
-        try:
-            token_id = int(key)
-        except ValueError:
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
             raise OpenAIError(
-                400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias"
-            ) from None
-        out.append((token_id, value))
+                400, f"logit_bias keys must be token ids, got {key[:40]!r}", "logit_bias"
+            )
+        out.append((int(key), value))
     return tuple(out)
 
 
 def _sampling_params(req: Any, max_new_tokens: int, choice: int, **extra: Any) -> SamplingParams:
-    """The params of a request's `choice`-th sequence (seeds differ per choice)."""
+    """The params of a request's `choice`-th sequence (seeds differ per choice).
+    `extra` may hold `logit_bias` already parsed (`_logit_bias`), else it is parsed here."""
     sampling = req.temperature > 0
     seed = None if req.seed is None or not sampling else (req.seed + choice) % 2**63
     return SamplingParams(
@@ -144,10 +155,9 @@ def _sampling_params(req: Any, max_new_tokens: int, choice: int, **extra: Any) -
         stop=req.stop_sequences,
         include_stop_str_in_output=req.include_stop_str_in_output,
         stop_token_ids=tuple(req.stop_token_ids or ()),
-        logit_bias=_logit_bias(req.logit_bias),
         seed=seed,
         ignore_eos=req.ignore_eos,
-        **extra,
+        **{"logit_bias": _logit_bias(req.logit_bias), **extra},
     )
 
 
@@ -168,11 +178,14 @@ def _budget(
     return requested
 
 
-def _check_sequences(engine: Engine, n: int, count: int, what: str) -> None:
-    """Bounds `n` and the sequences one request makes."""
+def _check_n(engine: Engine, n: int) -> None:
+    if n > engine.settings.max_n:
+        raise OpenAIError(400, f"n must be <= {engine.settings.max_n}, got {n}", "n")
+
+
+def _check_sequences(engine: Engine, count: int, what: str) -> None:
+    """Bounds the sequences one request makes by what the server can hold."""
     s = engine.settings
-    if n > s.max_n:
-        raise OpenAIError(400, f"n must be <= {s.max_n}, got {n}", "n")
     room = s.max_waiting + s.max_batch_size
     if count > room:
         raise OpenAIError(
@@ -199,28 +212,35 @@ class _Choice:
     cumulative_logprob: float = 0.0  # of the generated tokens: how best_of ranks
     generated: int = 0  # tokens received so far (the engine may be ahead of them)
     finish_reason: str | None = None
-    started: bool = False  # whether its first event was sent (streaming)
+    started: bool = False  # whether its sequence's first event was read
+    # Characters of the generated tokens decoded so far, whatever the stop matcher holds
+    # back: where the next token's text starts (`text_offset`).
+    chars: int = 0
+    utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
-    def add_prompt(self, ids: list[int], logprobs: list[PromptLogprob], tokens: TokenTable) -> int:
-        """Records the echoed prompt's tokens; returns how many entries it added."""
+    def add_prompt(self, ids: list[int], logprobs: list[PromptLogprob], tokens: TokenTable) -> None:
+        """Records the echoed prompt's tokens, before any generated one."""
         for token_id, offset, entry in zip(ids, tokens.offsets(ids), logprobs, strict=True):
             self.token_ids.append(token_id)
             self.offsets.append(offset)
             self.token_logprobs.append(None if entry is None else entry[0])
             self.top.append(None if entry is None else entry[1])
-        return len(ids)
 
-    def add(self, event: TokenEvent) -> None:
+    def add(self, event: TokenEvent, tokens: TokenTable) -> None:
         self.token_ids.append(event.token_id)
-        self.offsets.append(len(self.prefix) + len(self.text))
+        self.offsets.append(len(self.prefix) + self.chars)
+        self.chars += len(self.utf8.decode(tokens.visible[event.token_id]))
         self.token_logprobs.append(event.logprob)
         self.top.append(event.top_logprobs)
         self.text += event.text
         self.cumulative_logprob += event.logprob or 0.0
         self.generated += 1
 
-    def completion_logprobs(self, tokens: TokenTable, start: int = 0) -> dict[str, Any]:
-        """OpenAI's legacy shape over entries `start:`; each top dict holds the chosen token."""
+    def completion_logprobs(
+        self, tokens: TokenTable, start: int = 0, end_of_text: int | None = None
+    ) -> dict[str, Any]:
+        """OpenAI's legacy shape over entries `start:`; each top dict holds the chosen token.
+        Offsets past `end_of_text` (tokens after a stop sequence's start) are clamped to it."""
         strings = tokens.strings
         top_logprobs: list[dict[str, float] | None] = []
         for i in range(start, len(self.token_ids)):
@@ -235,7 +255,9 @@ class _Choice:
             "tokens": [strings[t] for t in self.token_ids[start:]],
             "token_logprobs": self.token_logprobs[start:],
             "top_logprobs": top_logprobs,
-            "text_offset": self.offsets[start:],
+            "text_offset": [
+                o if end_of_text is None else min(o, end_of_text) for o in self.offsets[start:]
+            ],
         }
 
     def chat_logprobs(self, tokens: TokenTable, start: int = 0) -> dict[str, Any]:
@@ -302,7 +324,7 @@ class _Request:
         async for i, event in events:
             self.start(i)
             if isinstance(event, TokenEvent):
-                self.choices[i].add(event)
+                self.choices[i].add(event, self.frontend.tokens)
             else:
                 self.choices[i].finish_reason = _finish_reason(event)
         return True
@@ -337,6 +359,7 @@ class _Completion(_Request):
             )
         if req.suffix:
             raise OpenAIError(400, "suffix is not supported: GPT-2 cannot insert text", "suffix")
+        _check_n(engine, req.n)
         self.best_of = req.best_of or req.n
         if self.best_of < req.n:
             raise OpenAIError(400, f"best_of must be >= n ({req.n}), got {req.best_of}", "best_of")
@@ -352,9 +375,10 @@ class _Completion(_Request):
             raise OpenAIError(
                 400, "max_tokens must be >= 1 unless echo is set, got 0", "max_tokens"
             )
-        _check_sequences(engine, req.n, len(prompts) * self.best_of, "prompts x best_of")
+        _check_sequences(engine, len(prompts) * self.best_of, "prompts x best_of")
         self.scoring = req.echo and req.logprobs is not None
         self.prompts: list[list[int]] = []
+        logit_bias = _logit_bias(req.logit_bias)
         logprobs = req.logprobs
         if logprobs is None and self.best_of > req.n:
             logprobs = 0  # ranking needs each token's logprob; the client gets none
@@ -374,6 +398,7 @@ class _Completion(_Request):
                     j,
                     logprobs=logprobs,
                     prompt_logprobs=req.logprobs if self.scoring else None,
+                    logit_bias=logit_bias,
                 )
                 self.seqs.append(engine.new_sequence(ids, params))
                 self.choices.append(_Choice(len(self.choices), prefix))
@@ -400,7 +425,11 @@ class _Completion(_Request):
                     {
                         "index": p * n + j,
                         "text": ch.prefix + ch.text,
-                        "logprobs": ch.completion_logprobs(tokens) if with_logprobs else None,
+                        "logprobs": (
+                            ch.completion_logprobs(tokens, 0, len(ch.prefix) + len(ch.text))
+                            if with_logprobs
+                            else None
+                        ),
                         "finish_reason": ch.finish_reason,
                     }
                 )
@@ -416,7 +445,7 @@ class _Completion(_Request):
             if self.start(i):
                 out["text"] = ch.prefix
             if isinstance(event, TokenEvent):
-                ch.add(event)
+                ch.add(event, tokens)
                 out["text"] += event.text
             else:
                 out["finish_reason"] = ch.finish_reason = _finish_reason(event)
@@ -436,20 +465,18 @@ class _ChatCompletion(_Request):
     object_name = "chat.completion"
     id_prefix = "chatcmpl"
 
-    def __init__(self, req: ChatCompletionRequest, frontend: Frontend) -> None:
+    def __init__(self, req: ChatCompletionRequest, frontend: Frontend, prompt: str) -> None:
+        """`prompt`: the messages through the chat template (`render_chat`)."""
         super().__init__(req, frontend)
         engine = self.engine
-        _check_sequences(engine, req.n, req.n, "n")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        text = render_chat(frontend, req.messages, req.chat_template, req)
-        ids = prompt_ids(engine, text, "messages")
+        ids = prompt_ids(engine, prompt, "messages")
         budget_field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         budget = _budget(engine, ids, req.max_new_tokens, "messages", budget_field)
         self.prompt_tokens = len(ids)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        logit_bias = _logit_bias(req.logit_bias)
         for j in range(req.n):
-            params = _sampling_params(req, budget, j, logprobs=logprobs)
+            params = _sampling_params(req, budget, j, logprobs=logprobs, logit_bias=logit_bias)
             self.seqs.append(engine.new_sequence(ids, params))
             self.choices.append(_Choice(j))
 
@@ -481,7 +508,7 @@ class _ChatCompletion(_Request):
             ch = self.choices[i]
             if isinstance(event, TokenEvent):
                 start = len(ch.token_ids)
-                ch.add(event)
+                ch.add(event, tokens)
                 logprobs = ch.chat_logprobs(tokens, start) if self.req.logprobs else None
                 if event.text or logprobs is not None:
                     yield chunk({"content": event.text}, i, logprobs=logprobs)
@@ -492,20 +519,29 @@ class _ChatCompletion(_Request):
             yield sse(self.chunk([], usage=self.usage()))
 
 
-def render_chat(
-    frontend: Frontend, messages: list[Any], source: str | None, req: Any = None
-) -> str:
-    """The prompt text of chat messages, through the server's or the request's template."""
+async def render_chat(frontend: Frontend, messages: list[Any], req: Any) -> str:
+    """The prompt text of chat messages, through the server's template or, when the server
+    trusts request templates, the request's. A request's template renders off the event
+    loop: it is the client's program."""
+    template = frontend.chat_template
+    source = getattr(req, "chat_template", None)
+    settings = frontend.engine.settings
     try:
-        template = frontend.chat_template
         if source is not None:
+            if not settings.trust_request_chat_template:
+                raise ChatTemplateError(
+                    "chat_template is not accepted from requests on this server "
+                    "(TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE is off)"
+                )
             template = template.with_source(source)
-        kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
-        return template.render(
+        render = functools.partial(
+            template.render,
             [m.as_template_input() for m in messages],
-            add_generation_prompt=getattr(req, "add_generation_prompt", True),
-            **kwargs,
+            add_generation_prompt=req.add_generation_prompt,
+            max_chars=settings.max_prompt_chars,
+            kwargs=req.chat_template_kwargs,
         )
+        return await asyncio.to_thread(render) if source is not None else render()
     except ChatTemplateError as exc:
         raise OpenAIError(400, str(exc), "chat_template") from None
 
@@ -534,7 +570,28 @@ async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
         ).response()
 
 
-async def _generate(request: Request, schema: type[Any], shape: type[_Request]) -> Response:
+async def _completion(req: CompletionRequest, frontend: Frontend) -> _Request:
+    return _Completion(req, frontend)
+
+
+async def _chat_completion(req: ChatCompletionRequest, frontend: Frontend) -> _Request:
+    _check_n(frontend.engine, req.n)
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        limit = frontend.engine.settings.max_logprobs
+        if req.top_logprobs > limit:
+            raise OpenAIError(
+                400,
+                f"top_logprobs must be <= {limit} (TEXTGEN_MAX_LOGPROBS), got {req.top_logprobs}",
+                "top_logprobs",
+            )
+    return _ChatCompletion(req, frontend, await render_chat(frontend, req.messages, req))
+
+
+async def _generate(
+    request: Request, schema: type[Any], build: Callable[[Any, Frontend], Awaitable[_Request]]
+) -> Response:
     async def handle() -> Response:
         frontend: Frontend = request.app.state.frontend
         req = parse(await request.body(), schema)
@@ -544,7 +601,7 @@ async def _generate(request: Request, schema: type[Any], shape: type[_Request]) 
             ignored = _header_safe(", ".join(req.ignored_fields))
             logger.warning("%s: ignored unknown fields: %s", request.url.path, ignored)
             headers[IGNORED_FIELDS_HEADER] = ignored
-        work = shape(req, frontend)
+        work = await build(req, frontend)
         events = frontend.engine.stream(work.seqs, request.url.path)
         if req.stream:
             return StreamingResponse(
@@ -581,11 +638,11 @@ async def _sse_stream(work: Any, events: EventStream) -> AsyncGenerator[str, Non
 
 
 async def completions(request: Request) -> Response:
-    return await _generate(request, CompletionRequest, _Completion)
+    return await _generate(request, CompletionRequest, _completion)
 
 
 async def chat_completions(request: Request) -> Response:
-    return await _generate(request, ChatCompletionRequest, _ChatCompletion)
+    return await _generate(request, ChatCompletionRequest, _chat_completion)
 
 
 async def models(request: Request) -> Response:
@@ -640,7 +697,7 @@ async def tokenize(request: Request) -> Response:
             raise OpenAIError(400, "send exactly one of prompt and messages", "prompt")
         text = req.prompt
         if req.messages is not None:
-            text = render_chat(frontend, req.messages, None, req)
+            text = await render_chat(frontend, req.messages, req)
         ids = prompt_ids(frontend.engine, text, "prompt") if text else []
         body: dict[str, Any] = {
             "count": len(ids),
@@ -721,7 +778,11 @@ def build_app() -> Starlette:
             Route("/chat/completions", chat_completions, methods=["POST"]),
             Route("/models", models, methods=["GET"]),
             Route("/models/{model:path}", model_card, methods=["GET"]),
-            Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+            Route(
+                "/{path:path}",
+                not_found,
+                methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            ),
         ]
     )
 

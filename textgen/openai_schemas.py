@@ -59,7 +59,9 @@ class _Sampling(OpenAPI30Schema, BaseModel):
 
     @property
     def usage_in_every_chunk(self) -> bool:
-        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+        """vLLM's continuous_usage_stats, which takes include_usage too."""
+        options = self.stream_options
+        return options is not None and options.include_usage and options.continuous_usage_stats
 
     @property
     def usage_at_end(self) -> bool:
@@ -138,6 +140,8 @@ class TokenizeRequest(OpenAPI30Schema, BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True  # GPT-2 adds none either way
     add_generation_prompt: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
 

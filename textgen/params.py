@@ -154,11 +154,6 @@ class SamplingParams:
         return self.seed if self.do_sample else None
 
     @property
-    def named_token_ids(self) -> tuple[int, ...]:
-        """Every token id the request names (the engine checks them against the vocab)."""
-        return tuple(t for t, _ in self.logit_bias) + self.stop_token_ids
-
-    @property
     def penalized(self) -> bool:
         """Whether the logits depend on the tokens seen so far."""
         return (

@@ -64,14 +64,23 @@ class Sampler:
         # output_counts[s, t] how often t was generated there.
         self.history = torch.zeros((num_slots, max_tokens), dtype=torch.long, device=device)
         self.output_counts = torch.zeros((num_slots, vocab_size), device=device)  # (S, V)
+        # logit_bias[s] is the bias of the sequence in slot s, written when it is admitted
+        # (only sequences that have one read their row).
+        self.logit_bias = torch.zeros((num_slots, vocab_size), device=device)  # (S, V)
 
     def admit(self, seqs: Seq[Sequence]) -> None:
-        """Starts the token histories of newly admitted sequences that need them."""
+        """Starts the token histories and biases of newly admitted sequences that need them."""
         for seq in seqs:
             if seq.params.penalized:
                 prompt = torch.tensor(seq.prompt_ids, device=self.device)
                 self.history[seq.slot, : len(seq.prompt_ids)] = prompt
                 self.output_counts[seq.slot].zero_()
+            if seq.params.logit_bias:
+                tokens, values = zip(*seq.params.logit_bias, strict=True)
+                row = self.logit_bias[seq.slot]
+                row.zero_()
+                index = torch.tensor(tokens, device=self.device)
+                row.index_put_((index,), torch.tensor(values, device=self.device), accumulate=True)
 
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[Choice]:
@@ -100,7 +109,7 @@ class Sampler:
     def _process(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         """Penalties, logit biases and EOS suppression, on a copy, only when a row has any."""
         penalized = [i for i, seq in enumerate(seqs) if seq.params.penalized]
-        biases = [(i, t, b) for i, seq in enumerate(seqs) for t, b in seq.params.logit_bias]
+        biased = [i for i, seq in enumerate(seqs) if seq.params.logit_bias]
         # Below min_new_tokens, EOS and the stop tokens can't be chosen (as in vLLM).
         suppress = [
             (i, t)
@@ -111,17 +120,16 @@ class Sampler:
                 *seq.params.stop_token_ids,
             )
         ]
-        if not penalized and not biases and not suppress:
+        if not penalized and not biased and not suppress:
             return logits
         processed = logits.clone()
         if penalized:
             rows = torch.tensor(penalized, device=self.device)
             processed[rows] = self._penalize(processed[rows], [seqs[i] for i in penalized])
-        if biases:  # |bias| <= 100: finite logits stay finite, -inf stays -inf
-            rows, tokens, values = zip(*biases, strict=True)
-            index = torch.tensor([rows, tokens], device=self.device)  # (2, N)
-            bias = torch.tensor(values, device=self.device)  # (N,)
-            processed.index_put_((index[0], index[1]), bias, accumulate=True)
+        if biased:  # |bias| <= 100: finite logits stay finite, -inf stays -inf
+            rows = torch.tensor(biased, device=self.device)
+            slots = torch.tensor([seqs[i].slot for i in biased], device=self.device)
+            processed[rows] += self.logit_bias[slots]
         if suppress:
             index = torch.tensor(suppress, device=self.device).T  # (2, N): rows, tokens
             processed[index[0], index[1]] = float("-inf")

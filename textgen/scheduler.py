@@ -122,8 +122,10 @@ class Sequence:
         params = self.params
         if token_id == eos_token_id and not params.ignore_eos:
             return self._drain(), Status.FINISHED_EOS
-        if token_id in params.stop_token_ids:
-            return self._drain(), Status.FINISHED_STOP
+        if token_id in params.stop_token_ids:  # its text only when asked (vLLM's rule)
+            keep = params.include_stop_str_in_output
+            piece = self._stop.push(self._detokenizer.add(token_id)) if keep else ""
+            return piece + self._drain(), Status.FINISHED_STOP
         piece = self._stop.push(self._detokenizer.add(token_id))
         if self._stop.matched is not None:
             return piece, Status.FINISHED_STOP
@@ -222,7 +224,9 @@ class Scheduler:
         """Moves waiting sequences, in arrival order, into free slots.
 
         Admits while slots are free and the prefill stays within
-        `max_prefill_tokens` (always at least one, however long its prompt).
+        `max_prefill_tokens` (always at least one, however long its prompt), of which
+        prompts that are scored (their every position's logits, each (V,) wide: the
+        lm_head and a log-softmax per position) may take half.
         Returns the admitted ones (they need a prefill) and the ones cancelled
         while they waited (finished without running).
         """
@@ -231,11 +235,14 @@ class Scheduler:
             dropped = [seq for seq in self._waiting if seq.cancel_requested]
             if dropped:
                 self._waiting = deque(s for s in self._waiting if not s.cancel_requested)
-            longest = 0
+            longest = scored = 0
             while self._waiting and self._free_slots:
                 seq = self._waiting[0]
                 longest = max(longest, len(seq.prompt_ids))
-                if admitted and (len(admitted) + 1) * longest > self.max_prefill_tokens:
+                if seq.params.scores_prompt:
+                    scored += len(seq.prompt_ids)
+                over = (len(admitted) + 1) * longest > self.max_prefill_tokens
+                if admitted and (over or 2 * scored > self.max_prefill_tokens):
                     break
                 self._waiting.popleft()
                 seq.status = Status.RUNNING

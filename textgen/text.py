@@ -116,18 +116,22 @@ class TokenTable:
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
         pieces = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
-        self.bytes: list[bytes] = []
-        self.strings: list[str] = []
+        special = set(tokenizer.all_special_tokens)
+        self.bytes: list[bytes] = []  # what the token is
+        self.strings: list[str] = []  # how responses write it
+        self.visible: list[bytes] = []  # what it adds to generated text (special: nothing)
         for token_id, piece in enumerate(pieces):
-            if piece in tokenizer.all_special_tokens or any(c not in byte_of for c in piece):
+            if piece in special or any(c not in byte_of for c in piece):
                 raw = tokenizer.decode([token_id]).encode("utf-8")  # added and special tokens
             else:
                 raw = bytes(byte_of[c] for c in piece)
             self.bytes.append(raw)
             self.strings.append(_display(raw))
+            self.visible.append(b"" if piece in special else raw)
         for _ in range(len(pieces), vocab_size):  # ids the model has and the tokenizer lacks
             self.bytes.append(b"")
             self.strings.append("")
+            self.visible.append(b"")
 
     def offsets(self, token_ids: list[int]) -> list[int]:
         """Where each token starts in the decoded text of `token_ids`, in characters."""
