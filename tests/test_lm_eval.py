@@ -146,13 +146,15 @@ def test_loglikelihoods_equal_the_hf_backend(both, task):
     served, reference, _ = both
     ours, theirs = per_sample(served, task), per_sample(reference, task)
     assert [d for d, _ in ours] == [d for d, _ in theirs]
-    compared = 0
+    compared, worst = 0, 0.0
     for (doc, mine), (_, ref) in zip(ours, theirs, strict=True):
         for m, r in zip(mine, ref, strict=True):
             m_ll, r_ll = (m[0][0], r[0][0]) if isinstance(m[0], list | tuple) else (m[0], r[0])
             assert math.isfinite(m_ll) and m_ll < 0, (doc, m)  # not lm-eval's silent zero
             assert abs(m_ll - r_ll) <= 1e-3, (task, doc, m_ll, r_ll)
+            worst = max(worst, abs(m_ll - r_ll))
             compared += 1
+    print(f"{task}: {compared} loglikelihoods, largest difference from hf {worst:.2e}")
     assert compared == (
         sum(len(c) for _, c, _ in QUESTIONS) + 2 if task == "textgen_choice" else len(DOCUMENTS)
     )

@@ -7,10 +7,27 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 
-def test_no_server_errors_and_responses_conform(server, tmp_path):
+from tests.conftest import Server, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def short_context(model_store, tmp_path_factory) -> Iterator[Server]:
+    """A server whose context is 128 positions: requests without a token budget (chat,
+    `max_tokens: null`) generate to its end, so a short one keeps the fuzzing quick."""
+    home, tag = model_store
+    log = tmp_path_factory.mktemp("logs") / "fuzz.log"
+    srv = start_server(home, tag, log, TEXTGEN_MAX_MODEL_LEN="128")
+    yield srv
+    stop_server(srv)
+
+
+def test_no_server_errors_and_responses_conform(short_context, tmp_path):
+    server = short_context
     cli = Path(sys.executable).parent / "schemathesis"
     result = subprocess.run(
         [
@@ -23,9 +40,8 @@ def test_no_server_errors_and_responses_conform(server, tmp_path):
             "30",
             "--phases",
             "examples,coverage,fuzzing",
-            # A chat request without max_tokens generates to the end of the context.
             "--request-timeout",
-            "120",
+            "60",
             "--suppress-health-check",
             "all",
             "--report",
