@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 MIN_MODEL_LEN = 16  # shorter contexts leave no room for a prompt and its answer
+DEFAULT_MODEL_TAG = "gpt2:latest"
 
 
 class ConfigError(ValueError):
@@ -25,7 +27,9 @@ def _env_int(name: str, default: int, minimum: int) -> int:
     return value
 
 
-def _env_float(name: str, default: float, above: float, at_most: float) -> float:
+def _env_float(
+    name: str, default: float, above: float, at_most: float, or_equal: bool = False
+) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -33,8 +37,9 @@ def _env_float(name: str, default: float, above: float, at_most: float) -> float
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not above < value <= at_most:
-        raise ConfigError(f"{name} must be in ({above:g}, {at_most:g}], got {value:g}")
+    if not (above <= value if or_equal else above < value) or not value <= at_most:
+        low = "[" if or_equal else "("
+        raise ConfigError(f"{name} must be in {low}{above:g}, {at_most:g}], got {value:g}")
     return value
 
 
@@ -45,9 +50,34 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def packed_model_tag(bento_root: Path | None = None) -> str | None:
+    """The model tag a built bento packed (from its bento.yaml), or None outside a bento.
+
+    `bentoml build` resolves TEXTGEN_MODEL to one exact tag and packs only that
+    model, so a bento (and its image) serves it when TEXTGEN_MODEL is unset.
+    Inside a bento this file is <bento>/src/textgen/config.py.
+    """
+    if bento_root is None:
+        source = Path(__file__).resolve().parent.parent  # the directory holding textgen/
+        if source.name != "src":
+            return None
+        bento_root = source.parent
+    manifest = bento_root / "bento.yaml"
+    if not manifest.is_file():
+        return None
+    import yaml  # BentoML's own dependency
+
+    info = yaml.safe_load(manifest.read_text()) or {}
+    for service in info.get("services") or []:
+        models = service.get("models") or []
+        if service.get("name") == info.get("entry_service") and len(models) == 1:
+            return str(models[0]["tag"])
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
-    model_tag: str = "gpt2:latest"  # BentoML model store tag to serve
+    model_tag: str = DEFAULT_MODEL_TAG  # model store tag to serve (a bento: the one it packed)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantize: str = "none"  # none | int8 (dynamic int8 linear layers, CPU only)
@@ -63,6 +93,7 @@ class Settings:
     max_n: int = 8  # upper bound on OpenAI `n` (choices per prompt)
     max_prompts: int = 16  # upper bound on prompts in one OpenAI request
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
+    drain_seconds: float = 0.0  # after SIGTERM: /readyz 503 but still serving, then stop
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -77,7 +108,9 @@ class Settings:
                 f"got {max_model_len}"
             )
         return cls(
-            model_tag=os.environ.get("TEXTGEN_MODEL", "").strip() or "gpt2:latest",
+            model_tag=os.environ.get("TEXTGEN_MODEL", "").strip()
+            or packed_model_tag()
+            or DEFAULT_MODEL_TAG,
             device=device,
             dtype=_env_choice("TEXTGEN_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
             quantize=_env_choice("TEXTGEN_QUANTIZE", "none", ("none", "int8")),
@@ -95,4 +128,5 @@ class Settings:
             max_n=_env_int("TEXTGEN_MAX_N", 8, 1),
             max_prompts=_env_int("TEXTGEN_MAX_PROMPTS", 16, 1),
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
+            drain_seconds=_env_float("TEXTGEN_DRAIN_SECONDS", 0.0, 0.0, 3600.0, or_equal=True),
         )
