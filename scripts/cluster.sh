@@ -43,9 +43,10 @@ for _ in $(seq 300); do
   sleep 1
 done
 curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || { "${COMPOSE[@]}" ps; exit 1; }
+stats="http://localhost:${TEXTGEN_STATS_PORT:-8404}"
 cat <<MSG
-textgen ($TEXTGEN_IMAGE, ${TEXTGEN_REPLICAS:-3} replicas) is up:
-  http://localhost:$port                          the service (through HAProxy)
-  http://localhost:${TEXTGEN_STATS_PORT:-8404}/stats  HAProxy's stats page (/metrics: Prometheus)
+textgen ($TEXTGEN_IMAGE, ${TEXTGEN_REPLICAS:-3} replicas behind HAProxy) is up:
+  service:        http://localhost:$port
+  balancer stats: $stats/stats  (Prometheus: $stats/metrics)
 Stop it with: make cluster-down
 MSG

@@ -59,6 +59,16 @@ def test_error_bodies_carry_the_request_id(server, route):
     assert r.json()["request_id"] == "err-7"
 
 
+@pytest.mark.parametrize("route", ["/generate", "/text-generation/generate"])
+def test_bentoml_validation_errors_carry_the_request_id(server, route):
+    body = {"prompt": PROMPT, "max_new_tokens": 0} if route == "/generate" else {"text": 3}
+    r = httpx.post(f"{server.url}{route}", json=body, headers={"X-Request-Id": "val-9"})
+    assert r.status_code == 400
+    assert r.json()["request_id"] == "val-9"
+    assert r.json()["error"]  # BentoML's own message, kept
+    assert int(r.headers["content-length"]) == len(r.content)
+
+
 def test_frontdoor_rejections_carry_the_request_id(server):
     r = httpx.post(
         f"{server.url}/generate",

@@ -12,6 +12,7 @@ the replica drains after SIGTERM, /readyz answers 503.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import uuid
@@ -198,10 +199,14 @@ def _request_id(scope: Scope) -> str:
 
 
 def _with_headers(send: Send, request_id: str) -> Send:
-    """Adds X-Request-Id to every response, and no-cache/no-buffering to event streams."""
+    """Adds X-Request-Id to every response and `request_id` to JSON error bodies (BentoML's
+    own validation errors included), and no-cache/no-buffering to event streams."""
     encoded = request_id.encode()
+    held: Message | None = None  # a JSON error's start, held until its body is whole
+    chunks: list[bytes] = []
 
     async def sending(message: Message) -> None:
+        nonlocal held
         if message["type"] == "http.response.start":
             headers = list(message.get("headers", []))
             content_type = dict(headers).get(b"content-type", b"")
@@ -211,9 +216,34 @@ def _with_headers(send: Send, request_id: str) -> Send:
             replaced = {name for name, _ in added}
             headers = [(k, v) for k, v in headers if k.lower() not in replaced] + added
             message = {**message, "headers": headers}
+            if message["status"] >= 400 and content_type.startswith(b"application/json"):
+                held = message
+                return
+        elif message["type"] == "http.response.body" and held is not None:
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = _with_request_id(b"".join(chunks), request_id)
+            headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+            start = {**held, "headers": [*headers, (b"content-length", b"%d" % len(body))]}
+            held = None
+            await send(start)
+            message = {"type": "http.response.body", "body": body, "more_body": False}
         await send(message)
 
     return sending
+
+
+def _with_request_id(body: bytes, request_id: str) -> bytes:
+    """A JSON object body with `request_id` added when missing; any other body as it was."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(parsed, dict) or "request_id" in parsed:
+        return body
+    parsed["request_id"] = request_id
+    return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _media_type(scope: Scope) -> str:
