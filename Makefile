@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 
-.PHONY: serve test lint bench
+.PHONY: serve test lint bench cluster cluster-down
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -23,3 +23,10 @@ test: lint
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py
+
+# Replicas of the image behind HAProxy (deploy/): builds what is missing, prints the URL.
+cluster: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./scripts/cluster.sh
+
+cluster-down:
+	./scripts/cluster.sh down

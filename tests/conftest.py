@@ -84,11 +84,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def import_tiny(home: Path) -> str:
-    """Imports the tiny random GPT-2 into the store at `home`; returns its tag."""
+def import_tiny(home: Path, name: str = "gpt2") -> str:
+    """Imports the tiny random GPT-2 into the store at `home` as `name`; returns its tag."""
     env = {**os.environ, "BENTOML_HOME": str(home)}
     out = subprocess.run(
-        [sys.executable, "download_model.py", "--random-init", "--tiny"],
+        [sys.executable, "download_model.py", "--random-init", "--tiny", "--name", name],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -118,7 +118,7 @@ def store_entries(home: Path, name: str = "gpt2") -> dict[str, Any]:
 def load_stored_model(home: Path, tag: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    path = store_entries(home)[tag].path
+    path = store_entries(home, tag.split(":")[0])[tag].path
     return AutoModelForCausalLM.from_pretrained(f"{path}/model", dtype=torch.float32)
 
 
@@ -263,3 +263,31 @@ def guarded(model_store, tmp_path_factory):
     )
     yield srv
     stop_server(srv)
+
+
+# The image `bentoml containerize` makes, built once per session for every test that
+# runs it (tests/test_container.py, tests/test_cluster.py): a build takes minutes.
+PACKED_MODEL_NAME = "tiny-gpt2"  # not the default gpt2: the image must serve what it packed
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """A Docker engine, or a skip saying why there is none (never a skip in CI)."""
+    from tests.dockerized import docker_engine_error
+
+    error = docker_engine_error()
+    if error is not None and not os.environ.get("CI"):
+        pytest.skip(f"no Docker engine here: {error}")
+    assert error is None, error
+
+
+@pytest.fixture(scope="session")
+def image(docker_engine, tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
+    """The tiny model packed into a bento and containerized; yields (image, home, model tag)."""
+    from tests.dockerized import build_image, remove_image
+
+    home = tmp_path_factory.mktemp("bentoml_home_container")
+    model_tag = import_tiny(home, PACKED_MODEL_NAME)
+    image_tag = build_image(home, model_tag)
+    yield image_tag, home, model_tag
+    remove_image(image_tag)

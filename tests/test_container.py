@@ -7,10 +7,7 @@ Without one the test skips, except in CI, where it must run.
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,62 +16,11 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import (
-    ROOT,
-    free_port,
-    hf_greedy,
-    import_tiny,
-    load_stored_model,
-    wait_ready,
-)
+from tests.conftest import free_port, hf_greedy, load_stored_model, wait_ready
+from tests.dockerized import sh
 
 PROMPT = "Artificial Intelligence is a"
 pytestmark = pytest.mark.timeout(2400)
-
-
-def sh(*cmd: str, env: dict[str, str] | None = None, timeout: int = 1800) -> str:
-    result = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, "DOCKER_BUILDKIT": "0", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {result.returncode}:\n"
-            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def docker_engine() -> None:
-    result = subprocess.run(
-        ["scripts/docker_standin.sh"], cwd=ROOT, capture_output=True, text=True, timeout=1800
-    )
-    if result.returncode == 3 and not os.environ.get("CI"):
-        pytest.skip(f"no Docker engine here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.fixture(scope="module")
-def image(docker_engine, tmp_path_factory):
-    """Builds the bento with the tiny model and containerizes it; yields (image, home, tag)."""
-    home = tmp_path_factory.mktemp("bentoml_home_container")
-    model_tag = import_tiny(home)
-    env = {"BENTOML_HOME": str(home), "TEXTGEN_MODEL": model_tag}
-    built = sh(sys.executable, "-m", "bentoml", "build", "--output", "tag", env=env)
-    bento_tag = re.search(r"__tag__:(\S+)", built).group(1)
-    image_tag = f"textgen-test:{bento_tag.split(':')[1]}"
-    started = time.monotonic()
-    sh(sys.executable, "-m", "bentoml", "containerize", bento_tag, "-t", image_tag, env=env)
-    size = int(sh("docker", "image", "inspect", "-f", "{{.Size}}", image_tag))
-    print(f"containerize took {time.monotonic() - started:.0f}s; image {size / 1e9:.2f} GB")
-    yield image_tag, home, model_tag
-    subprocess.run(["docker", "image", "rm", "-f", image_tag], capture_output=True)
-    subprocess.run(["docker", "image", "prune", "-f"], capture_output=True)
 
 
 @pytest.fixture
@@ -116,7 +62,9 @@ def test_image_serves_generate_and_openai_as_non_root(image, container, tokenize
         result = client.generate(prompt=PROMPT, max_new_tokens=16)
     assert result["generated"] == expected
     with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
-        done = client.completions.create(model="gpt2", prompt=PROMPT, max_tokens=16, temperature=0)
+        done = client.completions.create(
+            model=model_tag.split(":")[0], prompt=PROMPT, max_tokens=16, temperature=0
+        )
     assert done.choices[0].text == expected
     uid = sh("docker", "exec", cid, "id", "-u").strip()
     assert uid != "0"
@@ -142,3 +90,15 @@ def test_sigterm_lets_the_running_request_finish_and_stops_cleanly(container):
     assert result == {"status": 200, "tokens": 1000}
     exit_code = sh("docker", "wait", cid, timeout=120).strip()
     assert exit_code == "0"
+
+
+def test_image_serves_the_model_it_packed_with_no_environment(image, container):
+    """Built with TEXTGEN_MODEL=tiny-gpt2:<version>, not the default gpt2:latest; the
+    container is given no TEXTGEN_MODEL and serves the packed model."""
+    _, _, model_tag = image
+    cid, url = container
+    assert not model_tag.startswith("gpt2:")
+    assert "TEXTGEN_MODEL" not in sh("docker", "inspect", "-f", "{{json .Config.Env}}", cid)
+    logs = subprocess.run(["docker", "logs", cid], capture_output=True, text=True)
+    assert f"engine ready: model={model_tag} " in logs.stdout + logs.stderr
+    assert httpx.post(f"{url}/generate", json={"prompt": PROMPT}).status_code == 200

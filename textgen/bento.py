@@ -45,6 +45,7 @@ INVALID_ARGUMENT = Schema(
                 },
             ),
         ),
+        "request_id": Schema(type="string", title="X-Request-Id of the request"),
     },
 )
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 MIN_MODEL_LEN = 16  # shorter contexts leave no room for a prompt and its answer
+DEFAULT_MODEL_TAG = "gpt2:latest"
 
 
 class ConfigError(ValueError):
@@ -25,7 +27,9 @@ def _env_int(name: str, default: int, minimum: int) -> int:
     return value
 
 
-def _env_float(name: str, default: float, above: float, at_most: float) -> float:
+def _env_float(
+    name: str, default: float, above: float, at_most: float, or_equal: bool = False
+) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -33,8 +37,9 @@ def _env_float(name: str, default: float, above: float, at_most: float) -> float
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not above < value <= at_most:
-        raise ConfigError(f"{name} must be in ({above:g}, {at_most:g}], got {value:g}")
+    if not (above <= value if or_equal else above < value) or not value <= at_most:
+        low = "[" if or_equal else "("
+        raise ConfigError(f"{name} must be in {low}{above:g}, {at_most:g}], got {value:g}")
     return value
 
 
@@ -56,9 +61,34 @@ def _env_bool(name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def packed_model_tag(bento_root: Path | None = None) -> str | None:
+    """The model tag a built bento packed (from its bento.yaml), or None outside a bento.
+
+    `bentoml build` resolves TEXTGEN_MODEL to one exact tag and packs only that
+    model, so a bento (and its image) serves it when TEXTGEN_MODEL is unset.
+    Inside a bento this file is <bento>/src/textgen/config.py.
+    """
+    if bento_root is None:
+        source = Path(__file__).resolve().parent.parent  # the directory holding textgen/
+        if source.name != "src":
+            return None
+        bento_root = source.parent
+    manifest = bento_root / "bento.yaml"
+    if not manifest.is_file():
+        return None
+    import yaml  # BentoML's own dependency
+
+    info = yaml.safe_load(manifest.read_text()) or {}
+    for service in info.get("services") or []:
+        models = service.get("models") or []
+        if service.get("name") == info.get("entry_service") and len(models) == 1:
+            return str(models[0]["tag"])
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
-    model_tag: str = "gpt2:latest"  # BentoML model store tag to serve
+    model_tag: str = DEFAULT_MODEL_TAG  # model store tag to serve (a bento: the one it packed)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantize: str = "none"  # none | int8 (dynamic int8 linear layers, CPU only)
@@ -77,6 +107,7 @@ class Settings:
     chat_template: str | None = None  # a Jinja file; None: GPT-2's default (textgen/chat.py)
     trust_request_chat_template: bool = False  # whether a request may send its own template
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
+    drain_seconds: float = 0.0  # after SIGTERM: /readyz 503 but still serving, then stop
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -91,7 +122,9 @@ class Settings:
                 f"got {max_model_len}"
             )
         return cls(
-            model_tag=os.environ.get("TEXTGEN_MODEL", "").strip() or "gpt2:latest",
+            model_tag=os.environ.get("TEXTGEN_MODEL", "").strip()
+            or packed_model_tag()
+            or DEFAULT_MODEL_TAG,
             device=device,
             dtype=_env_choice("TEXTGEN_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
             quantize=_env_choice("TEXTGEN_QUANTIZE", "none", ("none", "int8")),
@@ -112,4 +145,5 @@ class Settings:
             chat_template=os.environ.get("TEXTGEN_CHAT_TEMPLATE", "").strip() or None,
             trust_request_chat_template=_env_bool("TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE", False),
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
+            drain_seconds=_env_float("TEXTGEN_DRAIN_SECONDS", 0.0, 0.0, 3600.0, or_equal=True),
         )

@@ -4,15 +4,24 @@ Native routes answer `{"error": message, "detail": [{"loc", "msg", "type"}]}`,
 the shape of BentoML's own validation errors; OpenAI routes answer
 `{"error": {"message", "type", "param", "code"}}`, so the official client raises
 the matching exception class. The FrontDoor uses both before any route runs.
+Both carry the request's `request_id` (its X-Request-Id) when one is set.
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.responses import JSONResponse
 
 RETRY_AFTER_SECONDS = 1  # sent with 429 and 503: when a retry may succeed
+# The X-Request-Id of the request being served; the FrontDoor sets it for each request.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def _with_request_id(body: dict[str, Any]) -> dict[str, Any]:
+    request_id = REQUEST_ID.get()
+    return body if request_id is None else {**body, "request_id": request_id}
 
 
 def _retry_after(status: int) -> dict[str, str] | None:
@@ -23,7 +32,9 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     """The native routes' error body, the same shape as BentoML's validation errors."""
     detail = [{"loc": [param] if param else [], "msg": message, "type": "invalid_value"}]
     return JSONResponse(
-        {"error": message, "detail": detail}, status_code=status, headers=_retry_after(status)
+        _with_request_id({"error": message, "detail": detail}),
+        status_code=status,
+        headers=_retry_after(status),
     )
 
 
@@ -40,14 +51,8 @@ class OpenAIError(Exception):
         self.status, self.param, self.type, self.code = status, param, type_, code
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": str(self),
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        error = {"message": str(self), "type": self.type, "param": self.param, "code": self.code}
+        return _with_request_id({"error": error})
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=_retry_after(self.status))

@@ -1,20 +1,29 @@
-"""The outermost layer of the HTTP app: body size, API key, and the 429 shape.
+"""The outermost layer of the HTTP app: body size, API key, the 429 shape, request ids.
 
 BentoML puts user middlewares inside its own traffic limiter, so this wraps the
 whole app instead (`TextgenService.to_asgi`): it sees every request first and
 every response last, including BentoML's `traffic.max_concurrency` 429s, to
-which it adds `Retry-After` and, on /v1, OpenAI's error shape.
+which it adds `Retry-After` and, on /v1, OpenAI's error shape. Every response
+carries `X-Request-Id` (the client's, else a new one), also in the access log
+line and error bodies; event streams say not to cache or buffer them; while
+the replica drains after SIGTERM, /readyz answers 503.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
+import logging
+import re
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from textgen import metrics
+from starlette.responses import PlainTextResponse
+
+from textgen import drain, metrics
 from textgen.config import Settings
-from textgen.errors import RETRY_AFTER_SECONDS, OpenAIError, error_response
+from textgen.errors import REQUEST_ID, RETRY_AFTER_SECONDS, OpenAIError, error_response
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -37,6 +46,26 @@ REJECTION_CAUSES = {
 }
 
 
+# A client's X-Request-Id is kept only when it is this safe to log and echo.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Appends `(request_id=...)` to BentoML's access log line (logged inside the FrontDoor)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        if request_id is not None and not getattr(record, "request_id", None):
+            record.request_id = request_id
+            record.msg = f"{record.msg} (request_id=%s)"
+            record.args = (*(record.args or ()), request_id)
+        return True
+
+
+logging.getLogger("bentoml.access").addFilter(RequestIdLogFilter())
+
+
 def is_generation_route(path: str) -> bool:
     return path in GENERATION_ROUTES or path.startswith("/v1/")
 
@@ -48,9 +77,24 @@ class FrontDoor:
         self.app = app
         self.api_key = settings.api_key
         self.max_body_bytes = max_body_bytes
+        self.drain_seconds = settings.drain_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_generation_route(scope["path"]):
+        if scope["type"] == "lifespan":
+            drain.install(self.drain_seconds)  # uvicorn's signal handlers are in place by now
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = _request_id(scope)
+        token = REQUEST_ID.set(request_id)
+        try:
+            await self._serve(scope, receive, _with_headers(send, request_id))
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/readyz" and drain.draining():
+            return await PlainTextResponse("draining", status_code=503)(scope, receive, send)
+        if not is_generation_route(scope["path"]):
             return await self.app(scope, receive, send)
         openai_route = scope["path"].startswith("/v1/")
         send = self._watching(send, scope, receive, openai_route)
@@ -149,6 +193,60 @@ def _error(status: int, message: str, openai_route: bool) -> Any:
     if status == 429:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-Id when it is safe to echo and log, else a new one."""
+    sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1").strip()
+    return sent if REQUEST_ID_PATTERN.fullmatch(sent) else uuid.uuid4().hex
+
+
+def _with_headers(send: Send, request_id: str) -> Send:
+    """Adds X-Request-Id to every response and `request_id` to JSON error bodies (BentoML's
+    own validation errors included), and no-cache/no-buffering to event streams."""
+    encoded = request_id.encode()
+    held: Message | None = None  # a JSON error's start, held until its body is whole
+    chunks: list[bytes] = []
+
+    async def sending(message: Message) -> None:
+        nonlocal held
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            content_type = dict(headers).get(b"content-type", b"")
+            added = [(b"x-request-id", encoded)]
+            if content_type.startswith(b"text/event-stream"):
+                added.extend(STREAM_HEADERS)
+            replaced = {name for name, _ in added}
+            headers = [(k, v) for k, v in headers if k.lower() not in replaced] + added
+            message = {**message, "headers": headers}
+            if message["status"] >= 400 and content_type.startswith(b"application/json"):
+                held = message
+                return
+        elif message["type"] == "http.response.body" and held is not None:
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = _with_request_id(b"".join(chunks), request_id)
+            headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+            start = {**held, "headers": [*headers, (b"content-length", b"%d" % len(body))]}
+            held = None
+            await send(start)
+            message = {"type": "http.response.body", "body": body, "more_body": False}
+        await send(message)
+
+    return sending
+
+
+def _with_request_id(body: bytes, request_id: str) -> bytes:
+    """A JSON object body with `request_id` added when missing; any other body as it was."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(parsed, dict) or "request_id" in parsed:
+        return body
+    parsed["request_id"] = request_id
+    return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _media_type(scope: Scope) -> str:
