@@ -3,9 +3,11 @@
     python bench/bench.py [--concurrency 1 8 32] [--workloads greedy sampled long]
 
 Builds GPT-2 124M with seeded random weights and the real tokenizer into one
-model directory, imports it into a temporary model store, and serves it three
-ways: this service in bfloat16, this service with dynamic int8, and the seed's
-Flask + pipeline service (greedy only). Workloads: `greedy` (64 new tokens),
+model directory, imports it into a temporary model store, and serves it five
+ways: this service in bfloat16 and with dynamic int8, llama.cpp's llama-server
+on the same weights as GGUF bf16 and Q8_0 (`bench/llama_peer.py` prepares it;
+skipped, saying why, where it can't be), and the seed's Flask + pipeline
+service (greedy only). Workloads: `greedy` (64 new tokens),
 `sampled` (64, temperature 0.8, top_p 0.9, top_k 50) and `long` (512, greedy).
 Every request generates exactly its new tokens (min_new_tokens =
 max_new_tokens). Prints a markdown table, writes bench/RESULTS.md,
@@ -68,7 +70,7 @@ class Level:
 class Target:
     name: str
     url: str
-    streaming: bool  # False: the baseline, whose first token comes with the last
+    kind: str  # "textgen" | "llama" (llama-server's /completion) | "baseline" (no streaming)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,7 +84,9 @@ async def one_request(
     """(time to first token, latency) of one request, in seconds."""
     started = time.perf_counter()
     n = work.new_tokens
-    if not target.streaming:
+    if target.kind == "llama":
+        return await llama_request(client, target, work, started)
+    if target.kind == "baseline":
         body = {"text": PROMPT, "max_new_tokens": n, "min_new_tokens": n}
         r = await client.post(f"{target.url}/text-generation/generate", json=body)
         r.raise_for_status()
@@ -98,6 +102,39 @@ async def one_request(
                 tokens += 1
                 first = first or time.perf_counter() - started
     assert tokens == n, f"expected {n} tokens, got {tokens}"
+    return first or 0.0, time.perf_counter() - started
+
+
+async def llama_request(
+    client: httpx.AsyncClient, target: Target, work: Workload, started: float
+) -> tuple[float, float]:
+    """llama-server's own streaming route, asked for exactly `new_tokens`: its defaults
+    sample (temperature 0.8, min_p 0.05 ...), so greedy sends temperature 0 and sampled
+    sends the workload's settings with min_p off."""
+    n = work.new_tokens
+    sampling = {"temperature": 0}
+    if work.sampling.get("do_sample"):
+        sampling = {k: work.sampling[k] for k in ("temperature", "top_p", "top_k")}
+        sampling["min_p"] = 0.0
+    body = {
+        "prompt": PROMPT,
+        "n_predict": n,
+        "ignore_eos": True,
+        "cache_prompt": False,
+        "stream": True,
+        **sampling,
+    }
+    first, predicted = None, None
+    async with client.stream("POST", f"{target.url}/completion", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            first = first or time.perf_counter() - started
+            event = json.loads(line.removeprefix("data: "))
+            if event.get("stop"):
+                predicted = event.get("tokens_predicted")
+    assert predicted == n, f"expected {n} tokens, got {predicted}"
     return first or 0.0, time.perf_counter() - started
 
 
@@ -126,13 +163,13 @@ async def run_level(target: Target, concurrency: int, work: Workload, rounds: in
     )
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, probe: str = "/readyz") -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{probe}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -140,7 +177,9 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"server not ready:\n{log.read_text()[-3000:]}")
 
 
-def start(cmd: list[str], env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+def start(
+    cmd: list[str], env: dict[str, str], port: int, log: Path, probe: str = "/readyz"
+) -> subprocess.Popen:
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -149,7 +188,7 @@ def start(cmd: list[str], env: dict[str, str], port: int, log: Path) -> subproce
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    wait_ready(f"http://127.0.0.1:{port}", proc, log)
+    wait_ready(f"http://127.0.0.1:{port}", proc, log, probe)
     return proc
 
 
@@ -187,20 +226,20 @@ def bench_system(
     port: int,
     work: Path,
     args: argparse.Namespace,
-    streaming: bool,
+    kind: str,
     workloads: list[Workload],
 ) -> list[Level]:
     log = work / f"{name.replace(' ', '_')}.log"
     started = time.perf_counter()
-    proc = start(cmd, env, port, log)
+    proc = start(cmd, env, port, log, "/health" if kind == "llama" else "/readyz")
     print(f"# {name}: ready in {time.perf_counter() - started:.1f}s", flush=True)
-    target = Target(name, f"http://127.0.0.1:{port}", streaming)
+    target = Target(name, f"http://127.0.0.1:{port}", kind)
     levels = []
     try:
         asyncio.run(run_level(target, 2, Workload("warm-up", 8, {}, 2), 1))
         for work in workloads:
             for c in args.concurrency:
-                rounds = 1 if not streaming else max(1, work.requests // c)
+                rounds = 1 if kind == "baseline" else max(1, work.requests // c)
                 level = asyncio.run(run_level(target, c, work, rounds))
                 print(
                     f"  {work.name:>7} {c:>3} clients: {level.tokens_per_s:7.1f} tok/s, "
@@ -210,6 +249,36 @@ def bench_system(
                 levels.append(level)
     finally:
         stop(proc)
+    return levels
+
+
+def bench_peer(model_dir: Path, work: Path, args: argparse.Namespace) -> list[Level]:
+    """llama-server on the same weights, each precision the run asks for."""
+    from bench.llama_peer import PeerUnavailable, prepare
+
+    wanted = [s.removeprefix("llama-") for s in args.systems if s.startswith("llama-")]
+    if not wanted:
+        return []
+    try:
+        started = time.perf_counter()
+        peer = prepare(model_dir)
+        print(f"# llama-server prepared in {time.perf_counter() - started:.0f}s", flush=True)
+    except PeerUnavailable as exc:
+        print(f"# llama-server skipped: {exc}", flush=True)
+        return []
+    levels = []
+    for i, precision in enumerate(wanted):
+        port = 3911 + i
+        levels += bench_system(
+            f"llama-server GGUF {precision}",
+            peer.command(precision, port),
+            {},
+            port,
+            work,
+            args,
+            kind="llama",
+            workloads=[WORKLOADS[w] for w in args.workloads],
+        )
     return levels
 
 
@@ -261,7 +330,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
-    parser.add_argument("--systems", nargs="+", choices=["bf16", "int8"], default=["bf16", "int8"])
+    systems = ["bf16", "int8", "llama-bf16", "llama-Q8_0"]
+    parser.add_argument("--systems", nargs="+", choices=systems, default=systems)
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
     levels: list[Level] = []
@@ -285,9 +355,10 @@ def main() -> None:
                 port,
                 work,
                 args,
-                streaming=True,
+                kind="textgen",
                 workloads=[WORKLOADS[w] for w in args.workloads],
             )
+        levels += bench_peer(model_dir, work, args)
         if not args.skip_baseline:
             cmd = [sys.executable, "bench/seed_baseline.py", str(model_dir), "3909"]
             levels += bench_system(
@@ -297,7 +368,7 @@ def main() -> None:
                 3909,
                 work,
                 args,
-                streaming=False,
+                kind="baseline",
                 workloads=[WORKLOADS["greedy"]],
             )
     md = table(levels)

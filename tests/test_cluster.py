@@ -278,16 +278,17 @@ def test_a_replica_killed_mid_load_costs_only_its_running_requests(cluster):
     }
     # A request cut by the kill before any response byte sometimes leaves no log line (the
     # client sees its connection closed): HAProxy cannot say where it ran. Such a request
-    # counts as running on the killed replica only when it was in flight across the kill.
+    # counts as running on the killed replica only when it was in flight at the kill.
     unlogged = {o.request_id for o in outcomes if o.request_id not in lines}
-    across_kill = [o for o in outcomes if o.started < dead_at and o.ended > killed_at]
+    across_kill = [o for o in outcomes if o.started < killed_at < o.ended]
     running = [o for o in across_kill if o.request_id in on_victim | unlogged]
     failed = [o for o in outcomes if o.error is not None]
-    after = [o for o in outcomes if o.started > dead_at]
+    after = [o for o in outcomes if o.started > killed_at]  # the "sent after the kill"
     print(
         f"kill: requests {len(outcomes)}, failed {len(failed)}, running on the killed replica "
         f"{len(running)} (of which without a log line: {len(unlogged & set(map(_id, running)))}), "
-        f"sent after the kill {len(after)}; back in {back_at - killed_at:.0f}s"
+        f"sent after the kill {len(after)}; dead after {dead_at - killed_at:.2f}s, "
+        f"back in {back_at - killed_at:.0f}s"
     )
     for o in failed:
         print(f"  failed {o.request_id} (stream={o.streaming}): {o.error}")

@@ -3,6 +3,7 @@ and a bento that serves the model it packed."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -104,26 +105,37 @@ def test_plain_responses_are_not_marked_as_streams(server):
 
 def test_sigterm_drains_readyz_first_then_finishes_in_flight(model_store, tmp_path):
     """SIGTERM to the server (as `docker stop` sends it): /readyz turns 503 at once while
-    requests are still served for TEXTGEN_DRAIN_SECONDS; the running one finishes; exit 0."""
+    requests are still served for TEXTGEN_DRAIN_SECONDS; a stream running across the end of
+    the drain finishes whole; exit 0."""
     home, tag = model_store
-    srv = start_server(home, tag, tmp_path / "drain.log", TEXTGEN_DRAIN_SECONDS="4")
+    drain_s = 1.0
+    srv = start_server(home, tag, tmp_path / "drain.log", TEXTGEN_DRAIN_SECONDS=str(drain_s))
     result: dict[str, object] = {}
+    streaming = threading.Event()
 
-    def long_request() -> None:
-        body = {"prompt": PROMPT, "max_new_tokens": 200, "min_new_tokens": 200}
-        r = httpx.post(f"{srv.url}/generate", json=body, timeout=300)
-        result["long"] = (r.status_code, r.json()["usage"]["completion_tokens"])
+    def long_stream() -> None:
+        body = {"prompt": PROMPT, "max_new_tokens": 1000, "min_new_tokens": 1000}
+        tokens, final = 0, None
+        with httpx.stream("POST", f"{srv.url}/generate_stream", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith('data: {"token"'):
+                    tokens += 1
+                    streaming.set()
+                elif line.startswith("data: "):
+                    final = json.loads(line.removeprefix("data: "))
+        result["long"] = (r.status_code, tokens, final["finish_reason"], time.monotonic())
 
-    worker = threading.Thread(target=long_request)
+    worker = threading.Thread(target=long_stream)
     try:
         worker.start()
-        time.sleep(0.5)  # the long request is running
+        assert streaming.wait(120)  # the long stream is running
+        sigterm_at = time.monotonic()
         os.kill(srv.proc.pid, signal.SIGTERM)
         ready = httpx.get(f"{srv.url}/readyz", timeout=5)
         for _ in range(20):
             if ready.status_code == 503:
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
             ready = httpx.get(f"{srv.url}/readyz", timeout=5)
         assert (ready.status_code, ready.text) == (503, "draining")
         during = httpx.post(
@@ -131,7 +143,9 @@ def test_sigterm_drains_readyz_first_then_finishes_in_flight(model_store, tmp_pa
         )
         assert during.status_code == 200  # still serving while the balancer takes it out
         worker.join(timeout=300)
-        assert result["long"] == (200, 200)
+        status, tokens, reason, ended_at = result["long"]
+        assert (status, tokens, reason) == (200, 1000, "length")
+        assert ended_at - sigterm_at > drain_s  # it ran on past the drain's end, whole
         assert srv.proc.wait(timeout=60) == 0
     finally:
         stop_server(srv)

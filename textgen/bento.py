@@ -68,7 +68,13 @@ OPENAI_ERROR = {
     },
 }
 OBJECT = {"type": "object"}
-STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+# One server-sent event, as schemathesis parses it: `data` holds a JSON chunk or [DONE].
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+STREAM = {"text/event-stream": {"schema": SSE_EVENT}}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
