@@ -139,7 +139,10 @@ async def llama_request(
 
 
 async def run_level(target: Target, concurrency: int, work: Workload, rounds: int) -> Level:
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # llama-server (cpp-httplib) closes a kept-alive connection after 5 requests, racing
+    # the client's next one on it: one connection per request there.
+    keepalive = 0 if target.kind == "llama" else None
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=keepalive)
     async with httpx.AsyncClient(timeout=900, limits=limits) as client:
 
         async def worker() -> list[tuple[float, float]]:
@@ -184,6 +187,7 @@ def start(
         cmd,
         cwd=ROOT,
         env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -254,7 +258,7 @@ def bench_system(
 
 def bench_peer(model_dir: Path, work: Path, args: argparse.Namespace) -> list[Level]:
     """llama-server on the same weights, each precision the run asks for."""
-    from bench.llama_peer import PeerUnavailable, prepare
+    from llama_peer import PeerUnavailable, prepare  # beside this script
 
     wanted = [s.removeprefix("llama-") for s in args.systems if s.startswith("llama-")]
     if not wanted:
@@ -272,7 +276,7 @@ def bench_peer(model_dir: Path, work: Path, args: argparse.Namespace) -> list[Le
         levels += bench_system(
             f"llama-server GGUF {precision}",
             peer.command(precision, port),
-            {},
+            peer.env,
             port,
             work,
             args,

@@ -46,6 +46,10 @@ class Peer:
     server: Path  # the llama-server binary
     models: dict[str, Path]  # precision name -> GGUF file
 
+    @property
+    def env(self) -> dict[str, str]:
+        return _library_env(self.server)
+
     def command(self, precision: str, port: int, slots: int = 32) -> list[str]:
         """llama-server as the benchmark runs it: `slots` parallel sequences of GPT-2's full
         context, continuous batching, 2 threads, no prompt cache (a fair comparison)."""
@@ -113,14 +117,24 @@ def _sdist() -> Path:
     return tree
 
 
+def _library_env(server: Path) -> dict[str, str]:
+    """A prebuilt server's shared libraries lie beside it, but its RUNPATH names the
+    directory it was built in: the loader is told where they are."""
+    paths = [str(server.parent), os.environ.get("LD_LIBRARY_PATH", "")]
+    return {"LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p)}
+
+
 def _works(server: Path) -> bool:
     try:
-        return (
-            subprocess.run([str(server), "--version"], capture_output=True, timeout=30).returncode
-            == 0
+        run = subprocess.run(
+            [str(server), "--version"],
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, **_library_env(server)},
         )
     except OSError:
         return False
+    return run.returncode == 0
 
 
 def _prebuilt() -> Path | None:
