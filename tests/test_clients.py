@@ -176,27 +176,22 @@ class TokenRecorder(BaseCallbackHandler):
 
 
 def langchain_llm(server, **kw) -> OpenAI:
-    return OpenAI(
-        model="gpt2",
-        base_url=f"{server.url}/v1",
-        api_key="unused",
-        temperature=0,
-        max_tokens=MAX_TOKENS,
-        max_retries=0,
-        **kw,
-    )
+    return OpenAI(**langchain_args(server), **kw)
 
 
 def langchain_chat(server, **kw) -> ChatOpenAI:
-    return ChatOpenAI(
-        model="gpt2",
-        base_url=f"{server.url}/v1",
-        api_key="unused",
-        temperature=0,
-        max_tokens=MAX_TOKENS,
-        max_retries=0,
-        **kw,
-    )
+    return ChatOpenAI(**langchain_args(server), **kw)
+
+
+def langchain_args(server) -> dict:
+    return {
+        "model": "gpt2",
+        "base_url": f"{server.url}/v1",
+        "api_key": "unused",
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+        "max_retries": 0,
+    }
 
 
 LC_MESSAGES = [SystemMessage(MESSAGES[0]["content"]), HumanMessage(MESSAGES[1]["content"])]
