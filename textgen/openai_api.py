@@ -645,10 +645,10 @@ async def chat_completions(request: Request) -> Response:
     return await _generate(request, ChatCompletionRequest, _chat_completion)
 
 
-async def models(request: Request) -> Response:
-    frontend: Frontend = request.app.state.frontend
+def _card(frontend: Frontend) -> dict[str, Any]:
+    """The served model as OpenAI's model object, with vLLM's `root` and `max_model_len`."""
     info = frontend.engine.info
-    card = {
+    return {
         "id": info.name,
         "object": "model",
         "created": frontend.created,
@@ -657,19 +657,20 @@ async def models(request: Request) -> Response:
         "max_model_len": frontend.engine.max_model_len,
         "metadata": {"random_weights": info.random_weights, "source": info.source},
     }
-    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_card(request.app.state.frontend)]})
 
 
 async def model_card(request: Request) -> Response:
     """`GET /v1/models/{id}`: the card, or OpenAI's 404 for another id."""
     frontend: Frontend = request.app.state.frontend
-    model = request.path_params["model"]
     try:
-        _check_model(model, frontend.engine)
+        _check_model(request.path_params["model"], frontend.engine)
     except OpenAIError as exc:
         return exc.response()
-    listing = json.loads((await models(request)).body)
-    return JSONResponse(listing["data"][0])
+    return JSONResponse(_card(frontend))
 
 
 V1_ROUTES = {"/completions": "POST", "/chat/completions": "POST", "/models": "GET"}

@@ -107,7 +107,7 @@ class Sampler:
         return self._choices(logits, token_ids, seqs)
 
     def _process(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
-        """Penalties, logit biases and EOS suppression, on a copy, only when a row has any."""
+        """Penalties, logit biases, EOS and stop-token suppression, on a copy, when any."""
         penalized = [i for i, seq in enumerate(seqs) if seq.params.penalized]
         biased = [i for i, seq in enumerate(seqs) if seq.params.logit_bias]
         # Below min_new_tokens, EOS and the stop tokens can't be chosen (as in vLLM).
