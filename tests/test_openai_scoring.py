@@ -346,6 +346,7 @@ def test_text_offsets_count_the_generated_text_while_a_stop_holds_text_back(clie
         ({"+64": 1}, "logit_bias keys must be token ids, got '+64'"),
         ({"6_4": 1}, "logit_bias keys must be token ids, got '6_4'"),
         ({" 64": 1}, "logit_bias keys must be token ids, got ' 64'"),
+        ({"13": 100, "013": 100}, "logit_bias names token 13 twice"),
     ],
 )
 def test_logit_bias_is_bounded_and_keyed_by_token_ids(client, bias, message):

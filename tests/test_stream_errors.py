@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+
+from starlette.requests import ClientDisconnect
 
 from tests.conftest import run
 from tests.test_engine import failing_engine
 from textgen import api
+from textgen.api import EventStreamResponse
 from textgen.openai_api import CompletionRequest, Frontend, _Completion, _sse_stream
 from textgen.schemas import GenerateRequest
 
@@ -51,3 +56,39 @@ def test_openai_stream_ends_with_an_error_event_then_done(tiny_model, tokenizer)
     }
     texts = [json.loads(c.removeprefix("data: "))["choices"][0]["text"] for c in chunks[:-2]]
     assert len(texts) == 3
+
+
+def test_a_stream_whose_client_left_before_its_first_chunk_cancels_its_sequences(
+    tiny_model, tokenizer
+):
+    """The content generator never starts, so only the response can cancel the sequences."""
+    eng = failing_engine(tiny_model, tokenizer, fail_on_call=10**9)
+
+    async def gone_at_once() -> list:
+        req = CompletionRequest(prompt="Hello", max_tokens=500, temperature=0, stream=True)
+        c = _Completion(req, Frontend.of(eng))
+        events = eng.stream(c.seqs)
+        response = EventStreamResponse(_sse_stream(c, events), events)
+
+        async def receive() -> dict:
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            raise OSError("client gone")
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST"}
+        with contextlib.suppress(OSError, ClientDisconnect):
+            await response(scope, receive, send)
+        for _ in range(100):  # the engine retires them at its next step
+            if all(s.status.finished for s in c.seqs):
+                break
+            await asyncio.sleep(0.05)
+        return c.seqs
+
+    try:
+        seqs = run(gone_at_once())
+    finally:
+        eng.shutdown()
+    assert [s.status.finish_reason for s in seqs] == ["cancelled"]
+    assert len(seqs[0].output_ids) < 500

@@ -163,6 +163,27 @@ async def _final_event(events: EventStream) -> FinishEvent:
     raise RuntimeError("the engine ended a sequence without a finish event")
 
 
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events whose sequences are cancelled however the response ends: also
+    when the client leaves before the first chunk, where the content generator never
+    starts and so never runs its own `finally`."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        events: EventStream,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.events = events
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()  # cancels only what has not finished
+
+
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -178,7 +199,7 @@ async def generate_stream(engine: Engine, request: GenerateRequest) -> Any:
         return error_response(429, f"server is at capacity: {exc}; retry later")
     except EngineUnavailable as exc:
         return error_response(503, f"the engine is unavailable: {exc}")
-    return StreamingResponse(_sse_events(events, request, seq), media_type="text/event-stream")
+    return EventStreamResponse(_sse_events(events, request, seq), events)
 
 
 async def _sse_events(

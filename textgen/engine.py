@@ -108,6 +108,8 @@ class Engine:
         self.settings = settings
         self.info = info
         self.tokenizer = tokenizer
+        # Lengths are checked against the context by the engine: no tokenizer warning.
+        tokenizer.model_max_length = int(1e30)
         self.eos_token_id: int | None = model.config.eos_token_id
         self.vocab_size: int = model.config.vocab_size
         device = resolve_device(settings.device)

@@ -33,6 +33,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 # Routes behind the API key and the body checks (the tokenizer's too: they take bodies).
+# Probes and metadata (/readyz, /livez, /health, /version, /tokenizer_info) stay open on
+# purpose: balancers and lm-eval's remote tokenizer read them.
 GENERATION_ROUTES = frozenset(
     {"/generate", "/generate_stream", "/text-generation/generate", "/tokenize", "/detokenize"}
 )

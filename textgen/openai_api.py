@@ -30,11 +30,18 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import textgen
-from textgen.api import check_budget, prompt_ids, rest_of_context, sse, until_disconnected
+from textgen.api import (
+    EventStreamResponse,
+    check_budget,
+    prompt_ids,
+    rest_of_context,
+    sse,
+    until_disconnected,
+)
 from textgen.chat import ChatTemplate, ChatTemplateError
 from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
 from textgen.errors import OpenAIError
@@ -126,14 +133,16 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
             f"logit_bias takes at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}",
             "logit_bias",
         )
-    out = []
+    out: dict[int, float] = {}
     for key, value in bias.items():
         if not (key.isascii() and key.isdigit()):
             raise OpenAIError(
                 400, f"logit_bias keys must be token ids, got {key[:40]!r}", "logit_bias"
             )
-        out.append((int(key), value))
-    return tuple(out)
+        if int(key) in out:  # "13" and "013": one token, one bias
+            raise OpenAIError(400, f"logit_bias names token {int(key)} twice", "logit_bias")
+        out[int(key)] = value
+    return tuple(out.items())
 
 
 def _sampling_params(req: Any, max_new_tokens: int, choice: int, **extra: Any) -> SamplingParams:
@@ -604,9 +613,7 @@ async def _generate(
         work = await build(req, frontend)
         events = frontend.engine.stream(work.seqs, request.url.path)
         if req.stream:
-            return StreamingResponse(
-                _sse_stream(work, events), media_type="text/event-stream", headers=headers
-            )
+            return EventStreamResponse(_sse_stream(work, events), events, headers=headers)
         try:
             done = await until_disconnected(request, work.collect(events))
         finally:

@@ -80,7 +80,7 @@ class Sampler:
                 row = self.logit_bias[seq.slot]
                 row.zero_()
                 index = torch.tensor(tokens, device=self.device)
-                row.index_put_((index,), torch.tensor(values, device=self.device), accumulate=True)
+                row[index] = torch.tensor(values, device=self.device)  # ids are distinct
 
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[Choice]:
