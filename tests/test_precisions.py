@@ -1,15 +1,20 @@
 """The precisions users run: bfloat16 (the CPU default) and dynamic int8, through every
 route, and how far their greedy tokens agree with float32's on the same weights.
 
-Floors, on the tiny random model (its large random weights make it touchy; the
-note of the engine-core issue has the 124M figures): first tokens agree on at
-least 90% of the prompts in bf16 and 50% in int8; over 24 tokens the common
-prefix covers at least 50% (bf16) and 10% (int8) of the tokens.
+Floors, on the tiny random model (its large random weights make it touchy;
+`bench/fidelity.py` reports the 124M figures): first tokens agree on at least 90%
+of the prompts in bf16 and 50% in int8; over 24 tokens the common prefix covers
+at least 40% (bf16) and 10% (int8) of the tokens. Free-running prefixes are
+chaotic (one flip changes the rest), so the fidelity itself is held by
+teacher-forced floors: the share of positions whose greedy choice is float32's,
+and the mean absolute difference of float32's token's logprob.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,7 +39,10 @@ PROMPTS = [
     "Breaking news:",
     "She opened the door and",
 ]
-FLOORS = {"bfloat16": (0.9, 0.5), "int8": (0.5, 0.1)}  # (first token, common prefix)
+FLOORS = {"bfloat16": (0.9, 0.4), "int8": (0.5, 0.1)}  # (first token, common prefix)
+# Teacher-forced, tiny model, 12 prompts x 24 tokens: (agree at least, |dlogprob| at most).
+# Measured: bf16 93%, 0.016; int8 86%, 0.080.
+TEACHER_FORCED = {"bfloat16": (0.9, 0.03), "int8": (0.8, 0.15)}
 ENV = {"bfloat16": {"TEXTGEN_DTYPE": "bfloat16"}, "int8": {"TEXTGEN_QUANTIZE": "int8"}}
 
 
@@ -96,3 +104,16 @@ def test_every_route_serves(precise):
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_teacher_forced_fidelity_above_the_floor():
+    path = Path(__file__).resolve().parent.parent / "bench" / "fidelity.py"
+    spec = importlib.util.spec_from_file_location("fidelity", path)
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    results = fidelity.measure(24, tiny=True)
+    print(fidelity.table(results, 24))
+    for name, (agree, diff) in TEACHER_FORCED.items():
+        got = results[name]
+        assert got["agree"] >= agree, (name, got)
+        assert got["mean_abs_logprob_diff"] <= diff, (name, got)

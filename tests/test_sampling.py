@@ -243,6 +243,28 @@ def test_non_finite_model_logits_mark_only_their_row_invalid():
     assert choices[2].logprob is None
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_logit_hidden_by_suppression_still_marks_its_row_invalid(bad):
+    # Below min_new_tokens EOS is suppressed in place (no copy when no row wants logprobs):
+    # a NaN or +inf at EOS must still fail its row, as the max over the raw row would.
+    sampler = Sampler(3, V, torch.device("cpu"), EOS)
+    params = [
+        SamplingParams(max_new_tokens=9, min_new_tokens=3),
+        SamplingParams(max_new_tokens=9, min_new_tokens=3),
+        SamplingParams(max_new_tokens=9, min_new_tokens=3, do_sample=True, top_k=3),
+    ]
+    seqs = [Sequence([1], p, Ids(), Uniform(0.5)) for p in params]
+    for slot, seq in enumerate(seqs):
+        seq.slot = slot
+    logits = fixed_logits().repeat(3, 1)
+    logits[:, EOS] = 50.0  # the best token, suppressed
+    logits[0, EOS] = bad
+    logits[2, EOS] = bad
+    tokens = [c.token_id for c in sampler.choose(logits, seqs)]
+    assert tokens[0] == INVALID and tokens[2] == INVALID
+    assert tokens[1] == int(fixed_logits()[:EOS].argmax())
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

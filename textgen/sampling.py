@@ -84,8 +84,9 @@ class Sampler:
 
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[Choice]:
-        """logits: (B, V) float32, row i for seqs[i]. One Choice per sequence."""
-        processed = self._process(logits, seqs)
+        """logits: (B, V) float32, row i for seqs[i]; the sampler may write into it. One
+        Choice per sequence."""
+        processed, bad = self._process(logits, seqs)
         sampling = [i for i, seq in enumerate(seqs) if seq.params.do_sample]
         if processed is logits and not sampling:  # the common greedy batch: one pass
             best, tokens = logits.max(dim=-1)  # (B,) each
@@ -101,13 +102,21 @@ class Sampler:
                 if sampling:
                     rows = torch.tensor(sampling, device=self.device)
                     tokens[rows] = self._sample(processed[rows], [seqs[i] for i in sampling])
+        if bad is not None:
+            valid &= ~bad
         tokens = torch.where(valid, tokens, INVALID)
         token_ids: list[int] = tokens.tolist()  # the step's one host synchronisation
         self._count(token_ids, seqs)
         return self._choices(logits, token_ids, seqs)
 
-    def _process(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
-        """Penalties, logit biases, EOS and stop-token suppression, on a copy, when any."""
+    def _process(
+        self, logits: torch.Tensor, seqs: Seq[Sequence]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Penalties, logit biases, EOS and stop-token suppression, when any. Returns the
+        processed logits (a copy, unless only suppression applies and no row reads the
+        model's own distribution for logprobs: then `logits` itself, written in place),
+        and for in-place suppression the rows (B,) bool whose suppressed entries were NaN
+        or +inf, which the max over the row can no longer see."""
         penalized = [i for i, seq in enumerate(seqs) if seq.params.penalized]
         biased = [i for i, seq in enumerate(seqs) if seq.params.logit_bias]
         # Below min_new_tokens, EOS and the stop tokens can't be chosen (as in vLLM).
@@ -121,7 +130,16 @@ class Sampler:
             )
         ]
         if not penalized and not biased and not suppress:
-            return logits
+            return logits, None
+        if not penalized and not biased and all(s.params.logprobs is None for s in seqs):
+            # Every request that asks for exactly n tokens comes here, every step: no
+            # (B, V) copy, and the greedy batch keeps its one pass.
+            index = torch.tensor(suppress, device=self.device).T  # (2, N): rows, tokens
+            held = logits[index[0], index[1]]  # (N,)
+            logits[index[0], index[1]] = float("-inf")
+            hidden = (held.isnan() | (held == float("inf"))).int()
+            bad = torch.zeros(len(seqs), dtype=torch.int32, device=self.device)
+            return logits, bad.index_add_(0, index[0], hidden) > 0
         processed = logits.clone()
         if penalized:
             rows = torch.tensor(penalized, device=self.device)
@@ -133,7 +151,7 @@ class Sampler:
         if suppress:
             index = torch.tensor(suppress, device=self.device).T  # (2, N): rows, tokens
             processed[index[0], index[1]] = float("-inf")
-        return processed
+        return processed, None
 
     def _penalize(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """(P, V) logits -> penalized logits, clamped finite or -inf. Works on the seen
