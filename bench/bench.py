@@ -256,6 +256,25 @@ def bench_system(
     return levels
 
 
+def in_process(names: list[str], args: argparse.Namespace) -> list[Level]:
+    """The engine without HTTP (bench/engine_bench.py), 32 greedy streams: what HTTP costs."""
+    flags = {"bf16": ["--quantize", "none"], "int8": ["--quantize", "int8"]}
+    levels = []
+    for name in (n for n in names if n in args.systems):
+        out = subprocess.run(
+            [sys.executable, "bench/engine_bench.py", "--concurrency", "32", *flags[name]],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        tps = float(out.strip().splitlines()[-1].split(": ")[1].split()[0])
+        nan = float("nan")
+        levels.append(Level(f"textgen {name}, in-process", "greedy", 32, 32, tps, nan, nan, nan))
+        print(f"# textgen {name} in-process, 32 streams: {tps:.1f} tok/s", flush=True)
+    return levels
+
+
 def bench_peer(model_dir: Path, work: Path, args: argparse.Namespace) -> list[Level]:
     """llama-server on the same weights, each precision the run asks for."""
     from llama_peer import PeerUnavailable, prepare  # beside this script
@@ -294,11 +313,14 @@ def table(levels: list[Level]) -> str:
     ]
     rows += [
         f"| {lv.system} | {lv.workload} | {lv.concurrency} | {lv.tokens_per_s:.1f} | "
-        f"{lv.ttft_p50_s:.2f} | "
-        f"{lv.latency_p50_s:.2f} | {lv.latency_p99_s:.2f} |"
+        f"{_s(lv.ttft_p50_s)} | {_s(lv.latency_p50_s)} | {_s(lv.latency_p99_s)} |"
         for lv in levels
     ]
     return "\n".join(rows)
+
+
+def _s(seconds: float) -> str:
+    return "–" if seconds != seconds else f"{seconds:.2f}"  # NaN: not measured
 
 
 def plot(levels: list[Level], path: Path) -> None:
@@ -362,6 +384,8 @@ def main() -> None:
                 kind="textgen",
                 workloads=[WORKLOADS[w] for w in args.workloads],
             )
+        if 32 in args.concurrency and "greedy" in args.workloads:
+            levels += in_process([name.split()[-1] for name, _ in systems], args)
         levels += bench_peer(model_dir, work, args)
         if not args.skip_baseline:
             cmd = [sys.executable, "bench/seed_baseline.py", str(model_dir), "3909"]

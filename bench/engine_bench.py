@@ -18,7 +18,7 @@ from textgen.engine import Engine, ModelInfo
 from textgen.models import gpt2_tokenizer, random_gpt2
 from textgen.params import SamplingParams
 
-PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a"
+PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a remote"
 
 
 async def run(engine: Engine, concurrency: int, new_tokens: int) -> float:
@@ -40,9 +40,12 @@ def main() -> None:
     parser.add_argument("--quantize", default="none")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    settings = Settings(dtype=args.dtype, quantize=args.quantize, device="cpu", max_batch_size=64)
+    settings = Settings(
+        dtype=args.dtype, quantize=args.quantize, device="cpu", max_batch_size=args.max_batch_size
+    )
     info = ModelInfo("gpt2", "gpt2:bench", "random", True, 1024)
     engine = Engine(random_gpt2(), gpt2_tokenizer(), info, settings)
     asyncio.run(run(engine, 2, 8))  # warm-up

@@ -1,4 +1,4 @@
-"""The precisions users run: bfloat16 (the CPU default) and dynamic int8, through every
+"""The precisions users run: dynamic int8 (the CPU default) and bfloat16, through every
 route, and how far their greedy tokens agree with float32's on the same weights.
 
 Floors, on the tiny random model (its large random weights make it touchy;
@@ -18,8 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import make_engine, start_server, stop_server
+from textgen.config import Settings
+from textgen.devices import resolve_int8
+from textgen.models import random_gpt2
 
 PROMPTS = [
     "The quick brown fox",
@@ -117,3 +121,32 @@ def test_teacher_forced_fidelity_above_the_floor():
         got = results[name]
         assert got["agree"] >= agree, (name, got)
         assert got["mean_abs_logprob_diff"] <= diff, (name, got)
+
+
+@pytest.mark.parametrize(
+    ("env", "cpu_int8", "cuda_int8"),
+    [
+        ({}, True, False),
+        ({"TEXTGEN_DTYPE": "bfloat16"}, False, False),
+        ({"TEXTGEN_DTYPE": "float32"}, False, False),
+        ({"TEXTGEN_QUANTIZE": "none"}, False, False),
+        ({"TEXTGEN_DTYPE": "float32", "TEXTGEN_QUANTIZE": "int8"}, True, True),
+    ],
+    ids=str,
+)
+def test_the_cpu_default_is_int8_unless_a_dtype_is_named(monkeypatch, env, cpu_int8, cuda_int8):
+    for name in ("TEXTGEN_DTYPE", "TEXTGEN_QUANTIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    assert resolve_int8(settings.quantize, settings.dtype, torch.device("cpu")) is cpu_int8
+    assert resolve_int8(settings.quantize, settings.dtype, torch.device("cuda")) is cuda_int8
+
+
+def test_an_engine_with_default_settings_runs_int8_on_the_cpu(tokenizer):
+    eng = make_engine(random_gpt2(tiny=True), tokenizer, dtype="auto")  # converted in place
+    try:
+        assert (eng.runner.dense_kind, eng.runner.dtype) == ("int8", torch.float32)
+    finally:
+        eng.shutdown()

@@ -116,7 +116,7 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth_as_transformers_does():
 
 
 def test_top_k_keeps_every_token_tied_with_the_kth_even_past_its_candidates():
-    # 40 tokens tie with the 2nd value; on bf16 logits (the CPU default) such runs are common.
+    # 40 tokens tie with the 2nd value; on bf16 logits such runs are common.
     logits = torch.tensor([5.0] + [3.0] * 40 + [0.0] * (V - 41))
     sp = SamplingParams(do_sample=True, top_k=2)
     got, expected = frequencies(sp, [0], logits), transformers_probs(sp, [0], logits)

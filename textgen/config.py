@@ -91,7 +91,7 @@ class Settings:
     model_tag: str = DEFAULT_MODEL_TAG  # model store tag to serve (a bento: the one it packed)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    quantize: str = "none"  # none | int8 (dynamic int8 linear layers, CPU only)
+    quantize: str = "auto"  # auto | none | int8 (dynamic int8 linear layers, CPU only)
     max_batch_size: int = 32  # sequences decoded together in one step (KV cache slots)
     max_model_len: int = 0  # positions per sequence (prompt + new tokens); 0: the model's
     memory_utilization: float = 0.9  # share of the memory left after the weights for the cache
@@ -127,7 +127,7 @@ class Settings:
             or DEFAULT_MODEL_TAG,
             device=device,
             dtype=_env_choice("TEXTGEN_DTYPE", "auto", ("auto", "float32", "bfloat16", "float16")),
-            quantize=_env_choice("TEXTGEN_QUANTIZE", "none", ("none", "int8")),
+            quantize=_env_choice("TEXTGEN_QUANTIZE", "auto", ("auto", "none", "int8")),
             max_batch_size=max_batch_size,
             max_model_len=max_model_len,
             memory_utilization=_env_float("TEXTGEN_MEMORY_UTILIZATION", 0.9, 0.0, 1.0),

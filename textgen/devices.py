@@ -30,6 +30,15 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def resolve_int8(quantize: str, dtype: str, device: torch.device) -> bool:
+    """Whether the projections run in dynamic int8. auto: on the CPU unless TEXTGEN_DTYPE
+    names a precision (bench/RESULTS.md: faster than bfloat16 at every concurrency, at a
+    fidelity cost the README states)."""
+    if quantize == "auto":
+        return device.type == "cpu" and dtype == "auto"
+    return quantize == "int8"
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX on x86, the bf16 feature on Arm (Linux /proc/cpuinfo)."""
     try:

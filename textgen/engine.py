@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textgen import metrics
 from textgen.config import Settings
-from textgen.devices import resolve_device, resolve_dtype
+from textgen.devices import resolve_device, resolve_dtype, resolve_int8
 from textgen.params import ParamError, SamplingParams
 from textgen.runner import GPT2Runner
 from textgen.sampling import INVALID, Sampler, prompt_logprobs
@@ -145,7 +145,7 @@ class Engine:
             info.source,
             device,
             self.runner.dtype,
-            settings.quantize,
+            "int8" if self.runner.dense_kind == "int8" else "none",
             settings.max_batch_size,
             self.max_model_len,
             self.runner.kv_cache_bytes / 2**30,
@@ -286,7 +286,7 @@ class Engine:
                 device,
                 dtype,
                 self.settings.max_batch_size,
-                quantize_int8=self.settings.quantize == "int8",
+                quantize_int8=resolve_int8(self.settings.quantize, self.settings.dtype, device),
                 n_ctx=self.max_model_len,
                 memory_utilization=self.settings.memory_utilization,
             )
