@@ -261,14 +261,16 @@ def in_process(names: list[str], args: argparse.Namespace) -> list[Level]:
     flags = {"bf16": ["--quantize", "none"], "int8": ["--quantize", "int8"]}
     levels = []
     for name in (n for n in names if n in args.systems):
-        out = subprocess.run(
+        run = subprocess.run(
             [sys.executable, "bench/engine_bench.py", "--concurrency", "32", *flags[name]],
             cwd=ROOT,
             capture_output=True,
             text=True,
-            check=True,
-        ).stdout
-        tps = float(out.strip().splitlines()[-1].split(": ")[1].split()[0])
+        )
+        if run.returncode != 0:  # the HTTP rows already measured still get written
+            print(f"# textgen {name} in-process failed:\n{run.stderr[-2000:]}", flush=True)
+            continue
+        tps = float(run.stdout.strip().splitlines()[-1].split(": ")[1].split()[0])
         nan = float("nan")
         levels.append(Level(f"textgen {name}, in-process", "greedy", 32, 32, tps, nan, nan, nan))
         print(f"# textgen {name} in-process, 32 streams: {tps:.1f} tok/s", flush=True)

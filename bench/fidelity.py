@@ -9,7 +9,7 @@ every generated position:
   - agree: the share of positions where its greedy choice is float32's;
   - |dlogprob|: the mean absolute difference of the logprob it gives float32's token.
 Also the share of prompts whose free-running greedy continuation is float32's,
-token for token. Prints a markdown table; `bench.py` adds it to RESULTS.md.
+token for token. Prints a markdown table (the README's fidelity table comes from it).
 """
 
 from __future__ import annotations

@@ -57,19 +57,29 @@ class _Dense:
         return cls(forward, lambda x: act(forward(x)), lambda x, r: r + forward(x))
 
     @classmethod
-    def mkldnn(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> _Dense:
-        """`weight` (n_out, n_in), nn.Linear's layout, bfloat16."""
+    def mkldnn(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, act: nn.Module | None
+    ) -> _Dense:
+        """`weight` (n_out, n_in), nn.Linear's layout, bfloat16. `act`: the activation, or
+        None for tanh GELU (fused)."""
         packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         pointwise = torch.ops.mkldnn._linear_pointwise
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return pointwise(x, packed, bias, "none", [], "")
+
         return cls(
-            lambda x: pointwise(x, packed, bias, "none", [], ""),
-            lambda x: pointwise(x, packed, bias, "gelu", [], "tanh"),
+            forward,
+            (lambda x: act(forward(x)))
+            if act is not None
+            else (lambda x: pointwise(x, packed, bias, "gelu", [], "tanh")),
             lambda x, r: pointwise.binary(x, r, packed, bias, "add"),
         )
 
     @classmethod
-    def int8(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> _Dense:
-        """`weight` (n_out, n_in), nn.Linear's layout, float32."""
+    def int8(cls, weight: torch.Tensor, bias: torch.Tensor | None, act: nn.Module | None) -> _Dense:
+        """`weight` (n_out, n_in), nn.Linear's layout, float32. `act`: the activation, or
+        None for tanh GELU."""
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         linear.weight.data = weight
         if bias is not None:
@@ -81,7 +91,9 @@ class _Dense:
             )[0]
         return cls(
             module,
-            lambda x: F.gelu(module(x), approximate="tanh"),
+            (lambda x: act(module(x)))
+            if act is not None
+            else (lambda x: F.gelu(module(x), approximate="tanh")),
             lambda x, r: r + module(x),
         )
 
@@ -136,6 +148,7 @@ class GPT2Runner:
         self.wpe = transformer.wpe  # (n_ctx, C)
         self.ln_f = transformer.ln_f
         self.dense_kind = dense_kind(device, dtype, quantize_int8)
+        self.activation: str = config.activation_function
         self.blocks = [
             _Block(
                 ln_1=h.ln_1,
@@ -152,7 +165,8 @@ class GPT2Runner:
         if self.dense_kind == "plain":
             self.lm_head: Callable[[torch.Tensor], torch.Tensor] = model.lm_head
         else:
-            self.lm_head = getattr(_Dense, self.dense_kind)(head.detach().clone(), None).forward
+            form = getattr(_Dense, self.dense_kind)
+            self.lm_head = form(head.detach().clone(), None, None).forward
         # Per layer, keys and values: (S, H, T, D). One allocation, zero-filled: a
         # position a mask hides must hold a finite number (0 x NaN is NaN), so a slot
         # that may hold NaN is cleared before reuse (`clear_slots`).
@@ -177,7 +191,12 @@ class GPT2Runner:
         if self.dense_kind == "plain":
             return _Dense.plain(conv.weight.detach(), conv.bias.detach(), act)
         weight = conv.weight.detach().t().contiguous()
-        dense = getattr(_Dense, self.dense_kind)(weight, conv.bias.detach())
+        # GPT-2's own activation is tanh GELU, which these forms compute themselves (fused
+        # in oneDNN); a config naming another one keeps the model's.
+        tanh_gelu = self.activation in ("gelu_new", "gelu_pytorch_tanh")
+        dense = getattr(_Dense, self.dense_kind)(
+            weight, conv.bias.detach(), None if tanh_gelu else act
+        )
         conv.weight.data = conv.weight.data.new_empty(0)  # the runner holds the only copy
         return dense
 
