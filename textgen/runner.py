@@ -43,7 +43,7 @@ class _Dense:
     int8, fbgemm's prepacked weights)."""
 
     forward: Callable[[torch.Tensor], torch.Tensor]  # (..., n_in) -> (..., n_out)
-    gelu: Callable[[torch.Tensor], torch.Tensor]  # (..., n_in) -> gelu_tanh(x W + b)
+    gelu: Callable[[torch.Tensor], torch.Tensor]  # (..., n_in) -> act(x W + b), GELU for GPT-2
     add: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, r) -> r + x W + b
 
     @classmethod
