@@ -332,15 +332,18 @@ def plot(levels: list[Level], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(dict.fromkeys(lv.workload for lv in levels))
+    systems = list(dict.fromkeys(lv.system for lv in levels))
+    color = {system: f"C{i % 10}" for i, system in enumerate(systems)}  # one per system
     fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4.5), squeeze=False)
     for ax, work in zip(axes[0], workloads, strict=True):
-        for system in dict.fromkeys(lv.system for lv in levels):
+        for system in systems:
             pts = [lv for lv in levels if lv.system == system and lv.workload == work]
             if pts:
                 ax.plot(
                     [p.concurrency for p in pts],
                     [p.tokens_per_s for p in pts],
                     marker="o",
+                    color=color[system],
                     label=system,
                 )
         ax.set_xscale("log", base=2)
