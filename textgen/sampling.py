@@ -131,16 +131,11 @@ class Sampler:
         ]
         if not penalized and not biased and not suppress:
             return logits, None
-        if not penalized and not biased and all(s.params.logprobs is None for s in seqs):
-            # Every request that asks for exactly n tokens comes here, every step: no
-            # (B, V) copy, and the greedy batch keeps its one pass.
-            index = torch.tensor(suppress, device=self.device).T  # (2, N): rows, tokens
-            held = logits[index[0], index[1]]  # (N,)
-            logits[index[0], index[1]] = float("-inf")
-            hidden = (held.isnan() | (held == float("inf"))).int()
-            bad = torch.zeros(len(seqs), dtype=torch.int32, device=self.device)
-            return logits, bad.index_add_(0, index[0], hidden) > 0
-        processed = logits.clone()
+        # Only suppression, and no row reads the model's own distribution (logprobs):
+        # every request that asks for exactly n tokens, every step. Written in place: no
+        # (B, V) copy, and the greedy batch keeps its one pass.
+        in_place = not penalized and not biased and all(s.params.logprobs is None for s in seqs)
+        processed = logits if in_place else logits.clone()
         if penalized:
             rows = torch.tensor(penalized, device=self.device)
             processed[rows] = self._penalize(processed[rows], [seqs[i] for i in penalized])
@@ -148,10 +143,16 @@ class Sampler:
             rows = torch.tensor(biased, device=self.device)
             slots = torch.tensor([seqs[i].slot for i in biased], device=self.device)
             processed[rows] += self.logit_bias[slots]
+        bad = None
         if suppress:
             index = torch.tensor(suppress, device=self.device).T  # (2, N): rows, tokens
+            if in_place:  # what the max over the raw row would have seen
+                held = processed[index[0], index[1]]  # (N,)
+                hidden = (held.isnan() | (held == float("inf"))).int()
+                bad = torch.zeros(len(seqs), dtype=torch.int32, device=self.device)
+                bad = bad.index_add_(0, index[0], hidden) > 0
             processed[index[0], index[1]] = float("-inf")
-        return processed, None
+        return processed, bad
 
     def _penalize(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """(P, V) logits -> penalized logits, clamped finite or -inf. Works on the seen
