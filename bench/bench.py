@@ -407,9 +407,8 @@ def main() -> None:
     md = table(levels)
     print(md)
     (ROOT / "bench" / "RESULTS.md").write_text(md + "\n")
-    (ROOT / "bench" / "results.json").write_text(
-        json.dumps([asdict(lv) for lv in levels], indent=1)
-    )
+    rows = [{k: None if v != v else v for k, v in asdict(lv).items()} for lv in levels]
+    (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=1))  # NaN: null
     plot(levels, ROOT / "bench" / "throughput.png")
 
 

@@ -12,6 +12,7 @@ and the mean absolute difference of float32's token's logprob.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.conftest import make_engine, start_server, stop_server
 from textgen.config import Settings
 from textgen.devices import resolve_int8
 from textgen.models import random_gpt2
+from textgen.params import SamplingParams
 from textgen.runner import GPT2Runner
 
 PROMPTS = [
@@ -178,3 +180,30 @@ def test_the_fast_forms_keep_the_models_activation(activation, dtype, int8, boun
     runner = GPT2Runner(model(), torch.device("cpu"), runner_dtype, 4, quantize_int8=int8)
     logits, _ = runner.prefill(prompts, [0, 1, 2, 3])
     assert (logits - expected).abs().max().item() < bound
+
+
+def test_int8_a_nan_request_fails_with_an_error_and_the_engine_goes_on(tokenizer):
+    # int8 (the CPU default) can't isolate a non-finite row (README "Operating it"): a
+    # request made of a token whose embedding is NaN must still end in an error, never
+    # in tokens, and the next request is served.
+    model = random_gpt2(tiny=True)
+    model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone())
+    with torch.no_grad():
+        model.transformer.wte.weight[50000] = float("nan")
+    eng = make_engine(model, tokenizer, dtype="auto", max_batch_size=2)
+    assert eng.runner.dense_kind == "int8"
+
+    async def finals(prompt_ids: list[int]) -> list:
+        seq = eng.new_sequence(prompt_ids, SamplingParams(max_new_tokens=5))
+        return [e async for _, e in eng.stream([seq])]
+
+    try:
+        poisoned = asyncio.run(finals([50000] * 10))
+        assert poisoned[-1].status.finish_reason == "error"
+        assert poisoned[-1].error
+        assert not any(hasattr(e, "token_id") for e in poisoned[:-1])
+        innocent = asyncio.run(finals(tokenizer("Hello").input_ids))
+        assert (innocent[-1].status.finish_reason, innocent[-1].error) == ("length", None)
+        assert eng.health() is None
+    finally:
+        eng.shutdown()
