@@ -3,9 +3,12 @@
     python bench/fidelity.py [--new-tokens 64] [--tiny]
 
 float32 generates greedily from each prompt (the benchmark's, and the precision
-tests'); then each precision reads the same sequences in one prefill (teacher
-forcing, so one early disagreement does not decide the rest) and reports, over
-every generated position:
+tests'); then each precision reads the same sequences through the serving path,
+its prompt's prefill and then float32's tokens one decode step at a time (teacher
+forcing, so one early disagreement does not decide the rest), with all prompts
+decoding together and with each alone (one stream: in bfloat16 on a CPU with
+AVX-512 BF16 that is textgen/csrc's one-row kernels), and reports, over every
+generated position:
   - agree: the share of positions where its greedy choice is float32's;
   - |dlogprob|: the mean absolute difference of the logprob it gives float32's token.
 Also the share of prompts whose free-running greedy continuation is float32's,
@@ -41,6 +44,7 @@ PROMPTS = [
     "Breaking news:",
 ]
 PRECISIONS = {"bfloat16": (torch.bfloat16, False), "int8": (torch.float32, True)}
+MODES = {"": False, ", one stream": True}  # row name suffix: each prompt decoding alone?
 
 
 def runner(precision: str, tiny: bool) -> GPT2Runner:
@@ -62,6 +66,26 @@ def greedy(r: GPT2Runner, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out
 
 
+def forced(
+    r: GPT2Runner, prompts: list[list[int]], outputs: list[list[int]], alone: bool
+) -> list[torch.Tensor]:
+    """Teacher forcing through prefill and decode: per prompt, the logits (n, V) before
+    each of its n tokens in `outputs`. `alone`: each prompt decodes on its own."""
+    every = list(range(len(prompts)))
+    logits: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for rows in [[i] for i in every] if alone else [every]:
+        slots = list(range(len(rows)))
+        first, _ = r.prefill([prompts[i] for i in rows], slots)
+        for i, row in zip(rows, first, strict=True):
+            logits[i].append(row)
+        for step in range(len(outputs[0]) - 1):
+            tokens = [outputs[i][step] for i in rows]
+            positions = [len(prompts[i]) + step for i in rows]
+            for i, row in zip(rows, r.decode(tokens, positions, slots), strict=True):
+                logits[i].append(row)
+    return [torch.stack(rows) for rows in logits]
+
+
 def measure(new_tokens: int, tiny: bool) -> dict[str, dict[str, float]]:
     tokenizer = gpt2_tokenizer()
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
@@ -73,22 +97,27 @@ def measure(new_tokens: int, tiny: bool) -> dict[str, dict[str, float]]:
     results = {}
     for precision in PRECISIONS:
         r = runner(precision, tiny)
-        _, logits = r.prefill(full, rows, rows)
-        agree, diffs = [], []
-        for p, o, ref, got in zip(prompts, outputs, ref_logits, logits, strict=True):
-            ref, got = ref[len(p) - 1 :], got[len(p) - 1 :]  # (new_tokens, V): the generated
-            chosen = torch.tensor(o)[:, None]
-            agree.append(got.argmax(-1) == torch.tensor(o))
-            lp_ref = ref.log_softmax(-1).gather(1, chosen)
-            lp_got = got.log_softmax(-1).gather(1, chosen)
-            diffs.append((lp_ref - lp_got).abs()[:, 0])
-        free = greedy(r, prompts, new_tokens)
-        results[precision] = {
-            "agree": torch.cat(agree).float().mean().item(),
-            "mean_abs_logprob_diff": torch.cat(diffs).mean().item(),
-            "same_continuation": sum(a == b for a, b in zip(free, outputs, strict=True))
-            / len(outputs),
-        }
+        for suffix, alone in MODES.items():
+            logits = forced(r, prompts, outputs, alone)
+            agree, diffs = [], []
+            for p, o, ref, got in zip(prompts, outputs, ref_logits, logits, strict=True):
+                ref = ref[len(p) - 1 :]  # (new_tokens, V): before each generated token
+                chosen = torch.tensor(o)[:, None]
+                agree.append(got.argmax(-1) == torch.tensor(o))
+                lp_ref = ref.log_softmax(-1).gather(1, chosen)
+                lp_got = got.log_softmax(-1).gather(1, chosen)
+                diffs.append((lp_ref - lp_got).abs()[:, 0])
+            free = (
+                [greedy(r, [p], new_tokens)[0] for p in prompts]
+                if alone
+                else greedy(r, prompts, new_tokens)
+            )
+            results[precision + suffix] = {
+                "agree": torch.cat(agree).float().mean().item(),
+                "mean_abs_logprob_diff": torch.cat(diffs).mean().item(),
+                "same_continuation": sum(a == b for a, b in zip(free, outputs, strict=True))
+                / len(outputs),
+            }
     return results
 
 

@@ -293,6 +293,7 @@ class Engine:
                 quantize_int8=resolve_int8(self.settings.quantize, self.settings.dtype, device),
                 n_ctx=self.max_model_len,
                 memory_utilization=self.settings.memory_utilization,
+                native_kernels=self.settings.native_kernels,
             )
             self.sampler = Sampler(
                 self.settings.max_batch_size,

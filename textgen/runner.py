@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textgen import native
+
 GIB = 1 << 30
 
 
@@ -119,10 +121,13 @@ class GPT2Runner:
         quantize_int8: bool = False,
         n_ctx: int | None = None,
         memory_utilization: float = 0.9,
+        native_kernels: bool = True,
     ) -> None:
         """Takes `model` over (converts it in place to the device and dtype). `n_ctx`:
         positions per slot (default: the model's); `memory_utilization`: the share of the
-        memory available after loading the weights that the KV cache may take."""
+        memory available after loading the weights that the KV cache may take;
+        `native_kernels`: whether bfloat16 on the CPU may decode one row with
+        textgen/csrc's kernels (`row_weights`)."""
         config = model.config
         if config.model_type != "gpt2":
             raise ValueError(f"the engine serves GPT-2 architectures, got {config.model_type!r}")
@@ -149,6 +154,36 @@ class GPT2Runner:
         self.ln_f = transformer.ln_f
         self.dense_kind = dense_kind(device, dtype, quantize_int8)
         self.activation: str = config.activation_function
+        tanh_gelu = self.activation in ("gelu_new", "gelu_pytorch_tanh")
+        # One row (a lone stream) decodes through native kernels when they run here: per
+        # layer, ln_1 weight and bias, then for qkv, attn_out, (ln_2 weight and bias), fc,
+        # mlp_out: blocks, tail, bias (`_blocked`). A second copy of the weights, in a
+        # layout that a matrix-vector product streams at the memory's rate.
+        self.row_weights: list[list[torch.Tensor]] | None = None
+        self.row_head: tuple[torch.Tensor, torch.Tensor] | None = None
+        if (
+            native_kernels
+            and self.dense_kind == "mkldnn"
+            and tanh_gelu
+            and self.n_embd % 32 == 0
+            and (config.n_inner or 4 * self.n_embd) % 32 == 0
+            and self.head_dim % 16 == 0
+            and native.row_decode()
+        ):
+            self.row_weights = [
+                [
+                    h.ln_1.weight,
+                    h.ln_1.bias,
+                    *_blocked(h.attn.c_attn),
+                    *_blocked(h.attn.c_proj),
+                    h.ln_2.weight,
+                    h.ln_2.bias,
+                    *_blocked(h.mlp.c_fc),
+                    *_blocked(h.mlp.c_proj),
+                ]
+                for h in transformer.h
+            ]
+            self.row_head = _blocked_weight(model.lm_head.weight.detach())
         self.blocks = [
             _Block(
                 ln_1=h.ln_1,
@@ -240,6 +275,8 @@ class GPT2Runner:
         """One token for each sequence at its position, in its slot; returns logits (B, V)
         float32. `slots` ascend; when they are 0..B-1 no slot is gathered or scattered."""
         b = len(token_ids)
+        if b == 1 and self.row_weights is not None:
+            return self._decode_row(token_ids[0], positions[0], slots[0])
         span = slots[-1] + 1  # attention runs over slots 0..span-1, holes included
         length = max(positions) + 1  # L: no slot attends past the longest live sequence
         ids = torch.tensor(token_ids, device=self.device)  # (B,)
@@ -276,11 +313,37 @@ class GPT2Runner:
             x = self._finish_block(block, x, a.reshape(b, self.n_embd))
         return self.lm_head(self.ln_f(x)).float()
 
+    def _decode_row(self, token_id: int, position: int, slot: int) -> torch.Tensor:
+        """`decode` for one sequence through textgen/csrc/row_decode.cpp: one call per
+        layer. Returns logits (1, V) float32."""
+        x = self.wte.weight[token_id] + self.wpe.weight[position]  # (C,) bfloat16
+        block = torch.ops.textgen_row.block
+        for weights, kv, layer in zip(self.row_weights, self.kv_cache, self.blocks, strict=True):
+            block(x, weights, kv, slot, position, layer.scaling, layer.ln_1.eps)
+        assert self.row_head is not None
+        ln_f = self.ln_f
+        return torch.ops.textgen_row.head(x, ln_f.weight, ln_f.bias, ln_f.eps, *self.row_head)[None]
+
     def _finish_block(self, block: _Block, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Residual stream x (..., C) and attention output a (..., C), heads merged ->
         the residual stream after the block."""
         x = block.attn_out.add(a.to(self.dtype), x)
         return block.mlp_out.add(block.fc.gelu(block.ln_2(x)), x)
+
+
+def _blocked_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (N, K), nn.Linear's layout -> (blocks (N // 8, K / 32, 8, 32), tail (N % 8, K)),
+    the layout of textgen/csrc/row_decode.cpp: each group of 8 output rows is one
+    contiguous run, the rows' 32-wide slices of K interleaved. K % 32 == 0."""
+    n, k = weight.shape
+    grouped = n - n % 8
+    blocks = weight[:grouped].reshape(grouped // 8, 8, k // 32, 32).transpose(1, 2)
+    return blocks.contiguous(), weight[grouped:].contiguous()
+
+
+def _blocked(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Hugging Face Conv1D (weight (n_in, n_out)) -> blocks, tail, bias."""
+    return (*_blocked_weight(conv.weight.detach().t()), conv.bias.detach())
 
 
 def dense_kind(device: torch.device, dtype: torch.dtype, quantize_int8: bool) -> str:
