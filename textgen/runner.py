@@ -126,8 +126,8 @@ class GPT2Runner:
         """Takes `model` over (converts it in place to the device and dtype). `n_ctx`:
         positions per slot (default: the model's); `memory_utilization`: the share of the
         memory available after loading the weights that the KV cache may take;
-        `native_kernels`: whether bfloat16 on the CPU may decode one row with
-        textgen/csrc's kernels (`row_weights`)."""
+        `native_kernels`: whether bfloat16 and int8 on the CPU may decode one row with
+        textgen/csrc's kernels (`row_kind`)."""
         config = model.config
         if config.model_type != "gpt2":
             raise ValueError(f"the engine serves GPT-2 architectures, got {config.model_type!r}")
@@ -155,35 +155,41 @@ class GPT2Runner:
         self.dense_kind = dense_kind(device, dtype, quantize_int8)
         self.activation: str = config.activation_function
         tanh_gelu = self.activation in ("gelu_new", "gelu_pytorch_tanh")
-        # One row (a lone stream) decodes through native kernels when they run here: per
-        # layer, ln_1 weight and bias, then for qkv, attn_out, (ln_2 weight and bias), fc,
-        # mlp_out: blocks, tail, bias (`_blocked`). A second copy of the weights, in a
-        # layout that a matrix-vector product streams at the memory's rate.
-        self.row_weights: list[list[torch.Tensor]] | None = None
-        self.row_head: tuple[torch.Tensor, torch.Tensor] | None = None
-        if (
+        # One row (a lone stream) decodes through native kernels when they run here
+        # (`_decode_row`), bfloat16 or int8 as the rest: per layer, ln_1 weight and bias,
+        # qkv, attn_out, ln_2 weight and bias, fc, mlp_out, each projection as
+        # `_row_projection` lays it out. A second copy of the weights, in a layout that a
+        # matrix-vector product streams at the memory's rate.
+        self.row_kind = {"mkldnn": "bf16", "int8": "int8"}.get(self.dense_kind)
+        inner = config.n_inner or 4 * self.n_embd
+        if not (
             native_kernels
-            and self.dense_kind == "mkldnn"
+            and self.row_kind is not None
             and tanh_gelu
-            and self.n_embd % 32 == 0
-            and (config.n_inner or 4 * self.n_embd) % 32 == 0
+            and self.n_embd % ROW_SLICE[self.row_kind] == 0
+            and inner % ROW_SLICE[self.row_kind] == 0
             and self.head_dim % 16 == 0
             and native.row_decode()
         ):
+            self.row_kind = None
+        self.row_weights: list[list[torch.Tensor]] = []
+        self.row_head: list[torch.Tensor] = []
+        if self.row_kind is not None:
+            kind = self.row_kind
             self.row_weights = [
                 [
                     h.ln_1.weight,
                     h.ln_1.bias,
-                    *_blocked(h.attn.c_attn),
-                    *_blocked(h.attn.c_proj),
+                    *_row_projection(h.attn.c_attn, kind),
+                    *_row_projection(h.attn.c_proj, kind),
                     h.ln_2.weight,
                     h.ln_2.bias,
-                    *_blocked(h.mlp.c_fc),
-                    *_blocked(h.mlp.c_proj),
+                    *_row_projection(h.mlp.c_fc, kind),
+                    *_row_projection(h.mlp.c_proj, kind),
                 ]
                 for h in transformer.h
             ]
-            self.row_head = _blocked_weight(model.lm_head.weight.detach())
+            self.row_head = _row_weights(model.lm_head.weight.detach(), None, kind)
         self.blocks = [
             _Block(
                 ln_1=h.ln_1,
@@ -275,7 +281,7 @@ class GPT2Runner:
         """One token for each sequence at its position, in its slot; returns logits (B, V)
         float32. `slots` ascend; when they are 0..B-1 no slot is gathered or scattered."""
         b = len(token_ids)
-        if b == 1 and self.row_weights is not None:
+        if b == 1 and self.row_kind is not None:
             return self._decode_row(token_ids[0], positions[0], slots[0])
         span = slots[-1] + 1  # attention runs over slots 0..span-1, holes included
         length = max(positions) + 1  # L: no slot attends past the longest live sequence
@@ -316,13 +322,13 @@ class GPT2Runner:
     def _decode_row(self, token_id: int, position: int, slot: int) -> torch.Tensor:
         """`decode` for one sequence through textgen/csrc/row_decode.cpp: one call per
         layer. Returns logits (1, V) float32."""
-        x = self.wte.weight[token_id] + self.wpe.weight[position]  # (C,) bfloat16
-        block = torch.ops.textgen_row.block
+        ops = torch.ops.textgen_row
+        block = ops.block_bf16 if self.row_kind == "bf16" else ops.block_int8
+        x = self.wte.weight[token_id] + self.wpe.weight[position]  # (C,) the model's dtype
         for weights, kv, layer in zip(self.row_weights, self.kv_cache, self.blocks, strict=True):
             block(x, weights, kv, slot, position, layer.scaling, layer.ln_1.eps)
-        assert self.row_head is not None
-        ln_f = self.ln_f
-        return torch.ops.textgen_row.head(x, ln_f.weight, ln_f.bias, ln_f.eps, *self.row_head)[None]
+        head = ops.head_bf16 if self.row_kind == "bf16" else ops.head_int8
+        return head(x, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps, self.row_head)[None]
 
     def _finish_block(self, block: _Block, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Residual stream x (..., C) and attention output a (..., C), heads merged ->
@@ -331,19 +337,36 @@ class GPT2Runner:
         return block.mlp_out.add(block.fc.gelu(block.ln_2(x)), x)
 
 
-def _blocked_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (N, K), nn.Linear's layout -> (blocks (N // 8, K / 32, 8, 32), tail (N % 8, K)),
-    the layout of textgen/csrc/row_decode.cpp: each group of 8 output rows is one
-    contiguous run, the rows' 32-wide slices of K interleaved. K % 32 == 0."""
+ROW_SLICE = {"bf16": 32, "int8": 64}  # K-elements per 512-bit register
+
+
+def _blocked_weight(weight: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """W (N, K), nn.Linear's layout -> [blocks (N // 8, K / width, 8, width), tail
+    (N % 8, K)], the layout of textgen/csrc/row_decode.cpp: each group of 8 output rows is
+    one contiguous run, the rows' width-wide slices of K interleaved. K % width == 0."""
     n, k = weight.shape
     grouped = n - n % 8
-    blocks = weight[:grouped].reshape(grouped // 8, 8, k // 32, 32).transpose(1, 2)
-    return blocks.contiguous(), weight[grouped:].contiguous()
+    blocks = weight[:grouped].reshape(grouped // 8, 8, k // width, width).transpose(1, 2)
+    return [blocks.contiguous(), weight[grouped:].contiguous()]
 
 
-def _blocked(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A Hugging Face Conv1D (weight (n_in, n_out)) -> blocks, tail, bias."""
-    return (*_blocked_weight(conv.weight.detach().t()), conv.bias.detach())
+def _row_weights(weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> list[torch.Tensor]:
+    """W (N, K) and bias (N,) -> a projection's tensors for row_decode.cpp. bf16: blocks,
+    tail, bias. int8: W quantized symmetrically with one scale per output row; blocks,
+    tail, scales (N,) float32, the rows' sums of int8 weights (N,) int32, bias."""
+    dtype = weight.dtype if kind == "bf16" else torch.float32
+    bias = bias.detach().to(dtype) if bias is not None else weight.new_empty(0, dtype=dtype)
+    if kind == "bf16":
+        return [*_blocked_weight(weight, ROW_SLICE[kind]), bias]
+    scales = weight.float().abs().amax(dim=1).clamp_min(1e-30) / 127  # (N,)
+    quantized = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    sums = quantized.sum(dim=1, dtype=torch.int32)
+    return [*_blocked_weight(quantized, ROW_SLICE[kind]), scales, sums, bias]
+
+
+def _row_projection(conv: nn.Module, kind: str) -> list[torch.Tensor]:
+    """A Hugging Face Conv1D (weight (n_in, n_out)) -> its tensors for row_decode.cpp."""
+    return _row_weights(conv.weight.detach().t(), conv.bias, kind)
 
 
 def dense_kind(device: torch.device, dtype: torch.dtype, quantize_int8: bool) -> str:
