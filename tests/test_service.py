@@ -179,3 +179,23 @@ def test_malformed_json_is_a_400(server):
         timeout=30,
     )
     assert response.status_code == 400
+
+
+def test_a_stream_opens_no_tracing_span_per_token():
+    # OpenTelemetry's ASGI middleware opens a span for every `send`, one per streamed
+    # token: 40% of the event loop's work per token (94 -> 57 us, 32 int8 streams).
+    from textgen.bento import TextgenService
+
+    @bentoml.service(service_class=TextgenService)
+    class Probe:
+        @bentoml.api
+        def ping(self) -> str:
+            return "ok"
+
+    node = Probe.to_asgi().app.build_middleware_stack()
+    found = []
+    while node is not None:
+        if type(node).__name__ == "OpenTelemetryMiddleware":
+            found.append((node.exclude_send_span, node.exclude_receive_span))
+        node = getattr(node, "app", None)
+    assert found == [(True, False)]

@@ -175,7 +175,13 @@ class TextgenService(Service):
     """`@bentoml.service(service_class=TextgenService)`."""
 
     def to_asgi(self, is_main: bool = True) -> Any:
-        return FrontDoor(super().to_asgi(is_main), Settings.from_env())
+        app = super().to_asgi(is_main)
+        # OpenTelemetry's ASGI middleware opens a span for every `send`: one per streamed
+        # token. The request's own span stays; the per-message ones go.
+        for middleware in getattr(app, "user_middleware", ()):
+            if getattr(middleware.cls, "__name__", "") == "OpenTelemetryMiddleware":
+                middleware.kwargs["exclude_spans"] = ["send"]
+        return FrontDoor(app, Settings.from_env())
 
     @property
     def openapi_spec(self) -> Any:

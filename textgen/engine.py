@@ -12,12 +12,13 @@ every running sequence with a delivered error event, frees every slot, clears
 the cache and goes on from that empty batch. After MAX_CONSECUTIVE_FAILURES
 with no progress between them, or if the thread itself ends, the engine is
 dead: everything it holds fails, new requests are refused (EngineUnavailable)
-and `health()` says why. With dynamic int8 (the CPU default) rows are not
-isolated from non-finite activations: the rows of a step share one activation
-scale per projection, so fbgemm either raises (the step fails, as any other
-exception) or quantizes a NaN row's numbers into its neighbours' scale. Only a
-model whose weights hold non-finite numbers produces them; serve such a model in
-float32 or bfloat16.
+and `health()` says why. With dynamic int8 (the CPU default) batched rows are not
+isolated from non-finite activations: the rows of a batched step share one
+activation scale per projection, so fbgemm either raises (the step fails, as any
+other exception) or quantizes a NaN row's numbers into its neighbours' scale. (A
+lone row decoded by textgen/csrc's kernels gets NaN logits and fails alone.)
+Only a model whose weights hold non-finite numbers produces them; serve such a
+model in float32 or bfloat16.
 """
 
 from __future__ import annotations
