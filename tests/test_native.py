@@ -11,6 +11,10 @@ request.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +33,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"native kernels can't run here: {native.why_not_row_decode()}",
 )
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parent.parent
 KINDS = ["bf16", "int8"]
 # Max |logit difference| from float32 on the tiny model, and the share of greedy choices
 # that agree, over a whole context. Measured: bf16 0.13 and 98% (oneDNN's path: 0.14,
@@ -62,6 +67,50 @@ def float32_greedy(prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
         rows.append(runner.decode([tokens[-1]], [len(prompt) + i], [0]))
     tokens.append(int(rows[-1].argmax()))
     return tokens, torch.cat(rows)
+
+
+def in_a_process(code: str, extensions: Path) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh Python whose torch extension cache is `extensions`."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_lock_left_by_a_killed_build_does_not_stop_the_next_start(tmp_path):
+    # torch's own lock file, left behind by a build killed with SIGKILL, made every later
+    # start wait forever. Our flock dies with its process; holding it, the file is stale.
+    code = (
+        "from textgen import native\n"
+        "d = native.build_directory(); d.mkdir(parents=True); (d / 'lock').touch()\n"
+        "print(native.row_decode(timeout=60))"
+    )
+    done = in_a_process(code, tmp_path)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_a_build_held_by_another_process_times_out_into_the_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    directory = native.build_directory()
+    with native.exclusive(directory, timeout=1):  # this process holds it
+        code = "from textgen import native; print(native.row_decode(timeout=1))"
+        done = in_a_process(code, tmp_path)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+    assert "one-row decode uses oneDNN (bfloat16) and fbgemm (int8)" in done.stderr
+    assert f"another process held {directory / 'textgen.lock'} for 1 s" in done.stderr
+
+
+def test_a_build_failure_without_a_message_still_falls_back(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    def fail(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(cpp, "load", fail)
+    path = os.environ["PATH"]
+    assert native.row_decode.__wrapped__() is False
+    assert "building row_decode.cpp failed: RuntimeError()" in caplog.text
+    assert os.environ["PATH"] == path
 
 
 def test_the_kernels_build_where_the_cpu_has_them():

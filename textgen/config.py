@@ -95,7 +95,7 @@ class Settings:
     max_batch_size: int = 32  # sequences decoded together in one step (KV cache slots)
     max_model_len: int = 0  # positions per sequence (prompt + new tokens); 0: the model's
     memory_utilization: float = 0.9  # share of the memory left after the weights for the cache
-    native_kernels: bool = True  # bf16 on the CPU: one stream decodes with textgen/csrc's kernels
+    native_kernels: bool = True  # CPU int8 and bf16: one stream decodes with textgen/csrc's kernels
     engine_stall_seconds: float = 60.0  # work waiting this long without a step: unhealthy
     max_waiting: int = 256  # sequences queued for a batch row before 429
     max_prefill_tokens: int = 2048  # padded prompt tokens in one prefill step

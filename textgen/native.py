@@ -2,8 +2,8 @@
 
 `row_decode()` builds `csrc/row_decode.cpp` (one-row decode steps, bfloat16 and int8)
 with torch's extension builder (a C++ compiler and ninja) into torch's extension cache
-(`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), once per machine and torch
-version and again when the source changes; later processes load
+(`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), once per machine, torch
+version and source text (`build_directory`); later processes load
 the cached library in well under a second. Where the CPU lacks AVX-512 BF16 and VNNI
 or the build fails (no compiler: the slim container image), it says why once and
 returns False, and the runner keeps oneDNN's and fbgemm's kernels.
@@ -11,11 +11,17 @@ returns False, and the runner keeps oneDNN's and fbgemm's kernels.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import logging
 import os
 import platform
 import shutil
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -55,33 +61,86 @@ def why_not_row_decode() -> str | None:
 
 
 def ninja_dir() -> str | None:
-    """The directory of the `ninja` package's binary (requirements.txt), if installed."""
+    """The directory of the `ninja` package's binary (requirements.txt), if it has one."""
     try:
         import ninja
     except ImportError:
         return None
-    return ninja.BIN_DIR
+    return ninja.BIN_DIR or None  # "" when the package found no binary
+
+
+def build_directory() -> Path:
+    """Where the library is built: under torch's extension root, one directory per Python
+    and torch version, source text and flags, so an upgraded torch or an edited source
+    never loads a library built for another."""
+    import torch.utils.cpp_extension as cpp
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    version = torch_version().replace("+", "_")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp.get_default_build_root()
+    return Path(root) / f"textgen_row-{python}-{version}-{digest}"
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path, timeout: float) -> Iterator[None]:
+    """Holds `directory/textgen.lock` (flock: released when this process dies, however it
+    dies), waiting at most `timeout` seconds. Holding it, this process is the only one
+    building or loading here, so torch's own lock file, which a killed build leaves
+    behind and torch would wait on forever, is stale and is removed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "textgen.lock").open("w") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another process held {directory / 'textgen.lock'} for {timeout:g} s"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.cache
-def row_decode() -> bool:
-    """Loads `torch.ops.textgen_row` (one-row decode kernels); False where it can't."""
+def row_decode(timeout: float = 300.0) -> bool:
+    """Loads `torch.ops.textgen_row` (one-row decode kernels); False where it can't.
+    `timeout`: how long to wait for another process building the same library."""
     reason = why_not_row_decode()
     if reason is None:
+        path = os.environ.get("PATH", "")
         try:
             from torch.utils.cpp_extension import load
 
             if shutil.which("ninja") is None:  # a venv's python run without its bin/ on PATH
-                os.environ["PATH"] = f"{ninja_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
-            load(
-                "textgen_row",
-                [str(SOURCE)],
-                extra_cflags=CFLAGS,
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-            )
+                os.environ["PATH"] = f"{ninja_dir()}{os.pathsep}{path}"
+            directory = build_directory()
+            with exclusive(directory, timeout):
+                load(
+                    "textgen_row",
+                    [str(SOURCE)],
+                    extra_cflags=CFLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(directory),
+                    is_python_module=False,
+                )
             return True
         except Exception as exc:  # a failed build must not stop the service
-            reason = f"building {SOURCE.name} failed: {str(exc).splitlines()[0]}"
+            first_line = (str(exc).splitlines() or [repr(exc)])[0]
+            reason = f"building {SOURCE.name} failed: {first_line}"
+        finally:
+            os.environ["PATH"] = path
     logger.warning("one-row decode uses oneDNN (bfloat16) and fbgemm (int8): %s", reason)
     return False

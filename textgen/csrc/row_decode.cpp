@@ -9,7 +9,9 @@
 //
 // bfloat16 follows the runner's oneDNN path (textgen/runner.py): the residual stream,
 // layer-norm outputs, attention output and GELU output are rounded to bfloat16; projections
-// accumulate in float32. int8 keeps activations in float32, as the runner's int8 path does;
+// accumulate in float32. Two roundings of that path are left out: q, k, v and the logits
+// stay float32 here (oneDNN rounds them to bfloat16), so the keys and values written into
+// the cache carry more precision than the batched path's. int8 keeps activations in float32, as the runner's int8 path does;
 // each projection quantizes its input row to uint8 (asymmetric, one scale for the row, the
 // full 0..255 range) and its weights are int8 with one symmetric scale per output row. The
 // KV cache and attention are float32 in both.
@@ -36,7 +38,8 @@ namespace {
 using bf16 = c10::BFloat16;
 constexpr int64_t kRows = 8;         // output rows per group
 constexpr int64_t kLineBytes = 64;   // one 512-bit register, one cache line
-constexpr int64_t kPrefetch = 4096;  // bytes ahead of the read, within the group's run
+constexpr int64_t kPrefetch = 4096;  // bytes ahead of the read: the rest of the group's run,
+                                     // then the next group's (past the end: ignored)
 
 enum class Epilogue { kNone, kGelu };
 
@@ -192,7 +195,9 @@ struct Int8 {
       std::fill_n(y, n_size, std::numeric_limits<float>::quiet_NaN());
       return;
     }
-    const float scale = high > low ? (high - low) / 255.0f : 1.0f;
+    // At least the smallest normal float: an all-subnormal row must not divide by zero.
+    const float scale =
+        high > low ? std::max((high - low) / 255.0f, std::numeric_limits<float>::min()) : 1.0f;
     const int32_t zero = static_cast<int32_t>(std::nearbyint(-low / scale));  // in 0..255
     std::vector<uint8_t> xq(k_size);
     for (int64_t k = 0; k < k_size; ++k) {
