@@ -12,7 +12,6 @@ returns False, and the runner keeps oneDNN's and fbgemm's kernels.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import logging
@@ -94,6 +93,8 @@ def exclusive(directory: Path, timeout: float) -> Iterator[None]:
     dies), waiting at most `timeout` seconds. Holding it, this process is the only one
     building or loading here, so torch's own lock file, which a killed build leaves
     behind and torch would wait on forever, is stale and is removed."""
+    import fcntl  # POSIX: `why_not_row_decode` required /proc/cpuinfo (Linux)
+
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / "textgen.lock").open("w") as handle:
         deadline = time.monotonic() + timeout

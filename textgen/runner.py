@@ -6,7 +6,8 @@ nothing in the cache ever moves. The layer norms and embeddings are the Hugging
 Face modules; each projection is a `_Dense` in the form fastest for the device
 and precision. In float32 that form is Hugging Face's own arithmetic, so float32
 numerics match `model.generate`. Attention is the runner's own, so that sequences
-of different lengths share one decode step without padding.
+of different lengths share one decode step without padding. A lone sequence in
+bfloat16 or int8 on a CPU decodes through textgen/csrc's kernels (`_decode_row`).
 
 Shapes: B sequences, S slots, T positions (the context), L attended positions
 (the longest live sequence), C = n_embd, H heads of D = C / H, V vocab.

@@ -332,7 +332,7 @@ void attend(const float* qkv, float* keys, float* values, int64_t heads, int64_t
 // updated in place. kv: this layer's cache (2, S, H, T, D) float32; the sequence's key and
 // value are written at [:, slot, :, pos] and it attends to positions 0..pos of its slot.
 // w: ln_1 weight, bias; qkv; attn_out; ln_2 weight, bias; fc; mlp_out (each projection
-// P::kTensors tensors).
+// P::kTensors tensors). eps: ln_1's and ln_2's (GPT-2 configures one for both).
 template <class P>
 void block(at::Tensor x, at::TensorList w, at::Tensor kv, int64_t slot, int64_t pos,
            double scale, double eps) {
