@@ -14,6 +14,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,20 +98,50 @@ def test_a_build_held_by_another_process_times_out_into_the_fallback(tmp_path, m
         done = in_a_process(code, tmp_path)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
     assert "one-row decode uses oneDNN (bfloat16) and fbgemm (int8)" in done.stderr
-    assert f"another process held {directory / 'textgen.lock'} for 1 s" in done.stderr
+    assert "building row_decode.cpp failed: the build took over 1 s" in done.stderr
 
 
 def test_a_build_failure_without_a_message_still_falls_back(monkeypatch, caplog):
-    import torch.utils.cpp_extension as cpp
-
-    def fail(*args, **kwargs):
+    def fail(directory: Path, timeout: float) -> None:
         raise RuntimeError()
 
-    monkeypatch.setattr(cpp, "load", fail)
-    path = os.environ["PATH"]
+    monkeypatch.setattr(native, "build", fail)
     assert native.row_decode.__wrapped__() is False
     assert "building row_decode.cpp failed: RuntimeError()" in caplog.text
-    assert os.environ["PATH"] == path
+
+
+def test_a_failed_compile_falls_back_with_the_compilers_words(tmp_path, monkeypatch):
+    # A source the compiler rejects: the warning ends with its error, not the command.
+    broken = tmp_path / "row_decode.cpp"
+    broken.write_text("this is not C++\n")
+    code = (
+        "import pathlib\nfrom textgen import native\n"
+        f"native.SOURCE = pathlib.Path({str(broken)!r})\n"
+        "print(native.row_decode(timeout=120))"
+    )
+    done = in_a_process(code, tmp_path / "extensions")
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+    assert "building row_decode.cpp failed:" in done.stderr
+    assert "row_decode.cpp:1:1: error:" in done.stderr.split("failed:")[1], done.stderr
+
+
+def test_a_killed_parent_leaves_the_build_to_its_child_and_the_next_start_waits(tmp_path):
+    # The build runs in a child holding the lock: killing the process that asked for it
+    # mid-build leaves one builder, and the next start waits for it, then loads.
+    extensions = tmp_path / "extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(
+        [sys.executable, "-c", "from textgen import native; native.row_decode()"], env=env
+    )
+    deadline = time.monotonic() + 60
+    while not list(extensions.glob("*/textgen.lock")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the child holds the lock and compiles
+    first.kill()
+    first.wait()
+    done = in_a_process("from textgen import native; print(native.row_decode())", extensions)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+    assert "failed" not in done.stderr
 
 
 def test_the_kernels_build_where_the_cpu_has_them():

@@ -18,6 +18,8 @@ import logging
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -91,8 +93,9 @@ def torch_version() -> str:
 def exclusive(directory: Path, timeout: float) -> Iterator[None]:
     """Holds `directory/textgen.lock` (flock: released when this process dies, however it
     dies), waiting at most `timeout` seconds. Holding it, this process is the only one
-    building or loading here, so torch's own lock file, which a killed build leaves
-    behind and torch would wait on forever, is stale and is removed."""
+    building or loading here (a build runs in the child that holds it, `build`), so
+    torch's own lock file, which a killed build leaves behind and torch would wait on
+    forever, is stale and is removed."""
     import fcntl  # POSIX: `why_not_row_decode` required /proc/cpuinfo (Linux)
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -115,33 +118,75 @@ def exclusive(directory: Path, timeout: float) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def build(directory: Path, timeout: float) -> None:
+    """Brings `directory`'s library up to date in a child process (`python -m
+    textgen.native DIRECTORY`) that holds the directory's lock while torch's builder runs:
+    a builder survives this process being killed, so no one else builds beside it, and
+    the compiler sees ninja through this environment's PATH without this process's
+    changing. Raises with the compiler's last words when it fails, and kills the whole
+    build when it takes over `timeout` seconds."""
+    env = dict(os.environ)
+    if shutil.which("ninja") is None:  # a venv's python run without its bin/ on PATH
+        env["PATH"] = os.pathsep.join(p for p in (ninja_dir(), env.get("PATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(SOURCE.parent.parent.parent), env.get("PYTHONPATH")) if p
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-m", "textgen.native", str(SOURCE), str(directory), str(timeout)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own group: killed whole on timeout
+    )
+    try:
+        output, _ = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise TimeoutError(f"the build took over {timeout:g} s") from None
+    if child.returncode != 0:
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        words = [line for line in lines if ": error" in line][:2] or lines[-3:]
+        raise RuntimeError(" / ".join(words) or f"the build exited {child.returncode}")
+
+
 @functools.cache
 def row_decode(timeout: float = 300.0) -> bool:
     """Loads `torch.ops.textgen_row` (one-row decode kernels); False where it can't.
-    `timeout`: how long to wait for another process building the same library."""
+    `timeout`: the longest wait for the build, another process's included."""
     reason = why_not_row_decode()
     if reason is None:
-        path = os.environ.get("PATH", "")
         try:
-            from torch.utils.cpp_extension import load
+            import torch
 
-            if shutil.which("ninja") is None:  # a venv's python run without its bin/ on PATH
-                os.environ["PATH"] = f"{ninja_dir()}{os.pathsep}{path}"
             directory = build_directory()
-            with exclusive(directory, timeout):
-                load(
-                    "textgen_row",
-                    [str(SOURCE)],
-                    extra_cflags=CFLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(directory),
-                    is_python_module=False,
-                )
+            build(directory, timeout)
+            with exclusive(directory, timeout):  # nobody rewrites it while it loads
+                torch.ops.load_library(str(directory / "textgen_row.so"))
             return True
         except Exception as exc:  # a failed build must not stop the service
             first_line = (str(exc).splitlines() or [repr(exc)])[0]
             reason = f"building {SOURCE.name} failed: {first_line}"
-        finally:
-            os.environ["PATH"] = path
     logger.warning("one-row decode uses oneDNN (bfloat16) and fbgemm (int8): %s", reason)
     return False
+
+
+def _build_here(source: Path, directory: Path, timeout: float) -> None:
+    """The child of `build`: under the directory's lock, torch's builder (ninja) brings
+    the library up to date; a no-op when it is."""
+    from torch.utils.cpp_extension import load
+
+    with exclusive(directory, timeout):
+        load(
+            "textgen_row",
+            [str(source)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+        )
+
+
+if __name__ == "__main__":
+    _build_here(Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]))
