@@ -120,11 +120,11 @@ def exclusive(directory: Path, timeout: float) -> Iterator[None]:
 
 def build(directory: Path, timeout: float) -> None:
     """Brings `directory`'s library up to date in a child process (`python -m
-    textgen.native DIRECTORY`) that holds the directory's lock while torch's builder runs:
-    a builder survives this process being killed, so no one else builds beside it, and
-    the compiler sees ninja through this environment's PATH without this process's
-    changing. Raises with the compiler's last words when it fails, and kills the whole
-    build when it takes over `timeout` seconds."""
+    textgen.native SOURCE DIRECTORY TIMEOUT`) that holds the directory's lock while
+    torch's builder runs: a builder survives this process being killed, so no one else
+    builds beside it, and the compiler finds ninja through the child's PATH, this
+    process's left as it is. Raises with the compiler's errors when it fails, and kills
+    the whole build when it takes over `timeout` seconds."""
     env = dict(os.environ)
     if shutil.which("ninja") is None:  # a venv's python run without its bin/ on PATH
         env["PATH"] = os.pathsep.join(p for p in (ninja_dir(), env.get("PATH")) if p)
