@@ -6,9 +6,9 @@ float32 generates greedily from each prompt (the benchmark's, and the precision
 tests'); then each precision reads the same sequences through the serving path,
 its prompt's prefill and then float32's tokens one decode step at a time (teacher
 forcing, so one early disagreement does not decide the rest), with all prompts
-decoding together and with each alone (one stream: in bfloat16 on a CPU with
-AVX-512 BF16 that is textgen/csrc's one-row kernels), and reports, over every
-generated position:
+decoding together and with each alone (one stream: on a CPU with AVX-512 BF16
+and VNNI, textgen/csrc's one-row kernels), and reports, over every generated
+position:
   - agree: the share of positions where its greedy choice is float32's;
   - |dlogprob|: the mean absolute difference of the logprob it gives float32's token.
 Also the share of prompts whose free-running greedy continuation is float32's,

@@ -155,7 +155,10 @@ class GPT2Runner:
         self.ln_f = transformer.ln_f
         self.dense_kind = dense_kind(device, dtype, quantize_int8)
         self.activation: str = config.activation_function
-        tanh_gelu = self.activation in ("gelu_new", "gelu_pytorch_tanh")
+        # GPT-2's own activation is tanh GELU, which the bf16, int8 and one-row forms
+        # compute themselves (fused in oneDNN); a config naming another one keeps the
+        # model's in the first two and has no one-row form.
+        self.tanh_gelu = self.activation in ("gelu_new", "gelu_pytorch_tanh")
         # One row (a lone stream) decodes through native kernels when they run here
         # (`_decode_row`), bfloat16 or int8 as the rest: per layer, ln_1 weight and bias,
         # qkv, attn_out, ln_2 weight and bias, fc, mlp_out, each projection as
@@ -166,7 +169,7 @@ class GPT2Runner:
         if not (
             native_kernels
             and self.row_kind is not None
-            and tanh_gelu
+            and self.tanh_gelu
             and self.n_embd % ROW_SLICE[self.row_kind] == 0
             and inner % ROW_SLICE[self.row_kind] == 0
             and self.head_dim % 16 == 0
@@ -233,11 +236,8 @@ class GPT2Runner:
         if self.dense_kind == "plain":
             return _Dense.plain(conv.weight.detach(), conv.bias.detach(), act)
         weight = conv.weight.detach().t().contiguous()
-        # GPT-2's own activation is tanh GELU, which these forms compute themselves (fused
-        # in oneDNN); a config naming another one keeps the model's.
-        tanh_gelu = self.activation in ("gelu_new", "gelu_pytorch_tanh")
         dense = getattr(_Dense, self.dense_kind)(
-            weight, conv.bias.detach(), None if tanh_gelu else act
+            weight, conv.bias.detach(), None if self.tanh_gelu else act
         )
         conv.weight.data = conv.weight.data.new_empty(0)  # the runner holds the only copy
         return dense
