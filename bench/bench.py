@@ -104,15 +104,17 @@ async def scan_events(r: httpx.Response, marker: bytes, started: float) -> tuple
     """Reads a server-sent event stream as raw bytes: the time to the first `marker`, how
     many markers came, and the last event. The client shares the CPU with the server it
     measures, so it does no per-line or per-event parsing (it cost ~130 us per token)."""
-    first, count, tail = 0.0, 0, b""
+    first, count, tail = 0.0, 0, b""  # tail: the stream from its last event's start
     keep = len(marker) - 1  # a marker split across two chunks is counted once
-    async for chunk in r.aiter_raw():
+    async for chunk in r.aiter_bytes():
         seen = (tail[-keep:] + chunk).count(marker)
         if seen and not count:
             first = time.perf_counter() - started
         count += seen
-        tail = (tail + chunk)[-8192:]
-    return first, count, tail.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+        tail += chunk
+        cut = tail.rfind(b"\n\n", 0, len(tail) - 2)  # the end of the event before the last
+        tail = tail[cut + 2 :] if cut >= 0 else tail
+    return first, count, tail.rstrip(b"\n")
 
 
 async def llama_request(

@@ -139,9 +139,22 @@ def test_a_killed_parent_leaves_the_build_to_its_child_and_the_next_start_waits(
     time.sleep(1.0)  # the child holds the lock and compiles
     first.kill()
     first.wait()
+    builders = [
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and str(extensions) in _cmdline(p) and "textgen.native" in _cmdline(p)
+    ]
+    assert builders, "the build died with the process that asked for it"
     done = in_a_process("from textgen import native; print(native.row_decode())", extensions)
     assert done.stdout.strip() == "True", done.stderr[-2000:]
     assert "failed" not in done.stderr
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def test_the_kernels_build_where_the_cpu_has_them():

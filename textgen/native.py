@@ -154,7 +154,8 @@ def build(directory: Path, timeout: float) -> None:
 @functools.cache
 def row_decode(timeout: float = 300.0) -> bool:
     """Loads `torch.ops.textgen_row` (one-row decode kernels); False where it can't.
-    `timeout`: the longest wait for the build, another process's included."""
+    `timeout`: the longest wait for the build, another process's included. The answer
+    holds for the life of the process (a worker that timed out retries at its restart)."""
     reason = why_not_row_decode()
     if reason is None:
         try:
