@@ -14,11 +14,16 @@ if [ "${1:-up}" = down ]; then
   exit 0
 fi
 
-command -v docker-compose >/dev/null || { echo "docker-compose is missing (apt-get install docker-compose)" >&2; exit 1; }
-# No engine (or, offline, no python:3.11-slim base): the stand-in script provides them.
-if ! docker info >/dev/null 2>&1 || ! docker image inspect python:3.11-slim >/dev/null 2>&1; then
+# No Compose, no engine or (offline) no python:3.11-slim base: the stand-in script provides
+# them (as root on Debian).
+if ! command -v docker-compose >/dev/null || ! docker info >/dev/null 2>&1 \
+  || ! docker image inspect python:3.11-slim >/dev/null 2>&1; then
   scripts/docker_standin.sh || [ $? = 3 ]
 fi
+command -v docker-compose >/dev/null || {
+  echo "docker-compose is missing and could not be installed (as root: apt-get install docker-compose)" >&2
+  exit 1
+}
 
 model="${TEXTGEN_MODEL:-gpt2:latest}"
 if ! bentoml models get "$model" >/dev/null 2>&1; then

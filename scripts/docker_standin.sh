@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Makes a Docker engine usable on a Debian machine with no image registry:
-#   1. installs Debian's docker.io and debootstrap when missing (needs root),
+# Makes a Docker engine and Compose usable on a Debian machine with no image registry:
+#   1. installs the Docker tools below from Debian when any is missing (needs root),
 #   2. starts dockerd when no engine answers,
 #   3. builds a stand-in for `python:3.11-slim` from the machine's own apt mirror
 #      (read from its apt sources), trusting the machine's CA bundle, with uv
 #      preinstalled, and tags it `python:3.11-slim` so BentoML's generated
 #      Dockerfile finds it locally. Reused when it already exists.
-# Exit codes: 0 ready; 3 no Docker engine can be had here (not root / not Debian).
+# Exit codes: 0 an engine is ready (the tools that could be installed are); 3 no Docker
+# engine can be had here (not root / not Debian).
 set -euo pipefail
 
 IMAGE="python:3.11-slim"
@@ -15,18 +16,35 @@ export DOCKER_BUILDKIT=0
 
 log() { echo "[docker-standin] $*" >&2; }
 
+# Each command the container and cluster tests run, with the Debian package that installs
+# it (tests/test_tools.py reads this table: every command a test runs has an installer).
+TOOLS=(
+  docker:docker.io
+  dockerd:docker.io
+  debootstrap:debootstrap
+  docker-compose:docker-compose
+)
+
 engine_up() { docker info >/dev/null 2>&1; }
 
-if ! engine_up; then
-  if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
-    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-      log "no Docker engine, and cannot install one (needs root on Debian)"
-      exit 3
-    fi
-    log "installing docker.io and debootstrap"
+missing=()
+for tool in "${TOOLS[@]}"; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing $packages"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
+    # shellcheck disable=SC2086  # one word per package
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
+  else
+    # Not fatal by itself: an engine that already runs still serves the container tests.
+    log "missing $packages and cannot install them here (needs root on Debian)"
   fi
+fi
+
+if ! engine_up; then
   if [ "$(id -u)" != 0 ]; then
     log "dockerd is installed but not running, and starting it needs root"
     exit 3

@@ -2,8 +2,9 @@
 
 deploy/docker-compose.yml runs 3 replicas of the session's image (the tiny model) and the
 balancer; steady concurrent load (streaming and not) goes through the balancer while a
-replica is SIGKILLed, and while each replica in turn gets SIGTERM. Needs a Docker engine,
-as tests/test_container.py does; skips without one, except in CI.
+replica is SIGKILLed, and while each replica in turn gets SIGTERM. Needs a Docker engine and
+docker-compose, which scripts/docker_standin.sh installs (as root on Debian); skips without
+them, except in CI.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,7 +110,20 @@ def served_requests(ip: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def cluster(image, tmp_path_factory):
+def compose_cli(docker_engine) -> str:
+    """docker-compose, which the engine's set-up installs; a skip saying why not (never in CI)."""
+    found = shutil.which("docker-compose")
+    if found is None and not os.environ.get("CI"):
+        pytest.skip(
+            "docker-compose is missing and scripts/docker_standin.sh could not install it "
+            "(needs root on Debian)"
+        )
+    assert found is not None, "docker-compose is missing after scripts/docker_standin.sh"
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster(compose_cli, image, tmp_path_factory):
     image_tag, _, _ = image
     project = f"textgentest{os.getpid()}"
     port, stats_port = free_port(), free_port()

