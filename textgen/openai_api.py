@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import functools
-import json
 import logging
 import time
 import uuid
@@ -34,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import textgen
+from textgen import jsonbody
 from textgen.api import (
     EventStreamResponse,
     check_budget,
@@ -98,11 +98,9 @@ def attach(engine: Engine, *apps: Starlette) -> None:
 def parse(raw: bytes, schema: type[T]) -> T:
     """The body as `schema`, or a 400 naming the field, the rule and the value."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OpenAIError(400, f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise OpenAIError(400, "request body is nested too deeply") from None
+        body = jsonbody.loads(raw)
+    except jsonbody.BodyError as exc:
+        raise OpenAIError(400, str(exc), exc.param) from None
     if not isinstance(body, dict):
         raise OpenAIError(400, f"request body must be a JSON object, got {type(body).__name__}")
     try:
@@ -139,6 +137,9 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
             raise OpenAIError(
                 400, f"logit_bias keys must be token ids, got {key[:40]!r}", "logit_bias"
             )
+        too_long = jsonbody.too_long(len(key), "logit_bias", "a token id")
+        if too_long is not None:  # int() would raise
+            raise OpenAIError(400, too_long, "logit_bias")
         if int(key) in out:  # "13" and "013": one token, one bias
             raise OpenAIError(400, f"logit_bias names token {int(key)} twice", "logit_bias")
         out[int(key)] = value

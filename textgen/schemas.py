@@ -2,21 +2,26 @@
 
 Pydantic at the HTTP edge, converted to `SamplingParams` in one place
 (`GenerateRequest.to_sampling_params`). Every validation message names the
-field, the rule and the value the client sent.
+field, the rule and the value the client sent. BentoML parses bodies with
+`model_validate_json`, which reads them through `jsonbody.loads` as the /v1
+routes do, and at most MAX_REPORTED_ERRORS errors are reported: BentoML puts
+each one in the 400's body and in its log line.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 from bentoml import IODescriptor
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from textgen import jsonbody
 from textgen.openapi30 import OpenAPI30Schema
 from textgen.params import MAX_STOP_SEQUENCES, SamplingParams
 
 EXAMPLE_PROMPT = "Artificial Intelligence is a"
+MAX_REPORTED_ERRORS = 10  # validation errors listed in a 400; a last entry counts the rest
 
 
 def _shown(value: Any, limit: int = 80) -> str:
@@ -24,30 +29,68 @@ def _shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _detail(message: str, loc: tuple[str | int, ...], value: Any = None) -> InitErrorDetails:
+    return InitErrorDetails(
+        type=PydanticCustomError("invalid_value", message), loc=loc, input=value
+    )
+
+
 def with_values(exc: ValidationError) -> ValidationError:
-    """Re-raises pydantic's errors with messages that also name the field and the value."""
+    """Re-raises pydantic's errors with messages that also name the field and the value,
+    the first MAX_REPORTED_ERRORS of them."""
     details: list[InitErrorDetails] = []
-    for err in exc.errors():
+    for err in exc.errors()[:MAX_REPORTED_ERRORS]:
         field = ".".join(str(part) for part in err["loc"]) or "body"
         message = f"{field}: {err['msg']}, got {_shown(err.get('input'))}"
+        details.append(_detail(message, err["loc"], err.get("input")))
+    if exc.error_count() > MAX_REPORTED_ERRORS:
         details.append(
-            InitErrorDetails(
-                type=PydanticCustomError("invalid_value", message),
-                loc=err["loc"],
-                input=err.get("input"),
-            )
+            _detail(f"body: {exc.error_count()} errors; the first {len(details)} are listed", ())
         )
     return ValidationError.from_exception_data(exc.title, details)
+
+
+def unknown_fields(model: type[BaseModel], unknown: list[tuple[str, Any]]) -> ValidationError:
+    """The first MAX_REPORTED_ERRORS unknown fields, and how many there are: pydantic would
+    make (and BentoML send and log) one error for each."""
+    details = [
+        _detail(f"{name}: Extra inputs are not permitted, got {_shown(value)}", (name,), value)
+        for name, value in unknown[:MAX_REPORTED_ERRORS]
+    ]
+    details.append(
+        _detail(
+            f"body: {len(unknown)} unknown fields; the first {len(details)} are listed "
+            f"(the fields are {', '.join(model.model_fields)})",
+            (),
+        )
+    )
+    return ValidationError.from_exception_data(model.__name__, details)
 
 
 class ValueNamingModel(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _name_the_values(cls, data: Any, handler: Any) -> Any:
+        if isinstance(data, dict) and cls.model_config.get("extra") == "forbid":
+            known = cls.model_fields
+            unknown = [(key, value) for key, value in data.items() if key not in known]
+            if len(unknown) > MAX_REPORTED_ERRORS:
+                raise unknown_fields(cls, unknown)
         try:
             return handler(data)
         except ValidationError as exc:
             raise with_values(exc) from None
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> Self:
+        """The body read by `jsonbody.loads`, then validated (BentoML's parse of a body)."""
+        try:
+            data = jsonbody.loads(json_data)
+        except jsonbody.BodyError as exc:
+            raise ValidationError.from_exception_data(
+                cls.__name__, [_detail(str(exc), exc.loc)]
+            ) from None
+        return cls.model_validate(data, **kwargs)
 
 
 class GenerateRequest(OpenAPI30Schema, ValueNamingModel, IODescriptor):

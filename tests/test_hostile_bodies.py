@@ -1,0 +1,172 @@
+"""Bodies a hostile client sends, through a real `bentoml serve` (issue 23, items 4, 5).
+
+Each answer is a 4xx in the route's own error shape, naming the field, the limit and the
+value; none costs the server more than a bounded response and a bounded log line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import httpx
+import pytest
+
+PROMPT = "Artificial Intelligence is a"
+JSON = {"content-type": "application/json"}
+ROUTES = [
+    ("/generate", {"prompt": PROMPT, "max_new_tokens": 2}),
+    ("/generate_stream", {"prompt": PROMPT, "max_new_tokens": 2}),
+    ("/text-generation/generate", {"text": PROMPT}),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+    ("/tokenize", {"prompt": PROMPT}),
+    ("/detokenize", {"tokens": [1, 2]}),
+]
+
+
+def post(url: str, route: str, content: str | bytes, headers: dict | list = JSON) -> httpx.Response:
+    return httpx.post(f"{url}{route}", content=content, headers=headers, timeout=60)
+
+
+def openai_shaped(route: str) -> bool:
+    """Whether the route answers errors in OpenAI's shape (vLLM's tokenizer routes do)."""
+    return route.startswith("/v1/") or route in ("/tokenize", "/detokenize")
+
+
+def message(route: str, response: httpx.Response) -> str:
+    """The error's message: OpenAI's, else the first `detail` entry's (BentoML's own 400s
+    hold a count in `error`)."""
+    body = response.json()
+    return body["error"]["message"] if openai_shaped(route) else body["detail"][0]["msg"]
+
+
+def param(route: str, response: httpx.Response) -> str | None:
+    """The field the error names: OpenAI's `param`, else the first `detail` entry's `loc`."""
+    body = response.json()
+    if openai_shaped(route):
+        return body["error"]["param"]
+    return ".".join(str(part) for part in body["detail"][0]["loc"])
+
+
+# -- item 4: unknown-field floods -------------------------------------------------------
+
+FLOOD_KEYS = 90_000
+
+
+def flood(body: dict) -> str:
+    text = json.dumps({**body, **{f"k{i}": 1 for i in range(FLOOD_KEYS)}}, separators=(",", ":"))
+    assert len(text) < 1 << 20  # under the body limit: it reaches the route
+    return text
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
+def test_an_unknown_field_flood_gets_a_small_400_naming_the_first_ones(server, route):
+    logged = server.log.stat().st_size
+    r = post(server.url, route, flood({"prompt": PROMPT}))
+    assert r.status_code == 400
+    assert len(r.content) < 4096
+    detail = r.json()["detail"]
+    assert [d["loc"] for d in detail] == [[f"k{i}"] for i in range(10)] + [[]]
+    assert detail[0]["msg"] == "k0: Extra inputs are not permitted, got 1"
+    assert detail[-1]["msg"] == (
+        f"body: {FLOOD_KEYS} unknown fields; the first 10 are listed "
+        "(the fields are prompt, max_new_tokens, min_new_tokens, do_sample, temperature, "
+        "top_k, top_p, min_p, repetition_penalty, stop, seed, return_full_text)"
+    )
+    assert server.log.stat().st_size - logged < 32_768
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_an_unknown_field_flood_on_routes_that_ignore_them_is_bounded(server, route):
+    body = dict(ROUTES)[route]
+    logged = server.log.stat().st_size
+    r = post(server.url, route, flood(body))
+    assert r.status_code == 200
+    assert len(r.headers.get("x-ignored-fields", "")) <= 1024
+    assert server.log.stat().st_size - logged < 32_768
+
+
+# -- item 5: integers past Python's int-to-str digit limit --------------------------------
+
+DIGITS = 5000
+HUGE = "@HUGE@"  # replaced in the JSON text by an integer of DIGITS digits
+LIMIT = sys.get_int_max_str_digits()  # 4300 by default, as in the server
+
+
+def with_huge(body: dict) -> str:
+    """The body's JSON with HUGE as a bare integer (json.dumps cannot write one)."""
+    text = json.dumps(body)
+    text = text.replace(f'"{HUGE}":', '"' + "9" * DIGITS + '":')  # as an object key
+    return text.replace(f'"{HUGE}"', "9" * DIGITS)
+
+
+CHAT = [{"role": "user", "content": "Hi"}]
+HUGE_FIELDS = [
+    ("/generate", {"prompt": "a", "max_new_tokens": HUGE}, "max_new_tokens"),
+    ("/generate", {"prompt": "a", "min_new_tokens": HUGE}, "min_new_tokens"),
+    ("/generate", {"prompt": "a", "top_k": HUGE}, "top_k"),
+    ("/generate", {"prompt": "a", "seed": HUGE}, "seed"),
+    ("/generate", {"prompt": "a", "temperature": HUGE}, "temperature"),
+    ("/generate", {"prompt": HUGE}, "prompt"),
+    ("/generate_stream", {"prompt": "a", "max_new_tokens": HUGE}, "max_new_tokens"),
+    ("/generate_stream", {"prompt": "a", "seed": HUGE}, "seed"),
+    ("/text-generation/generate", {"text": "a", "n": HUGE}, "n"),
+    ("/v1/completions", {"prompt": "a", "n": HUGE}, "n"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": HUGE}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "best_of": HUGE}, "best_of"),
+    ("/v1/completions", {"prompt": "a", "logprobs": HUGE}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "seed": HUGE}, "seed"),
+    ("/v1/completions", {"prompt": "a", "top_k": HUGE}, "top_k"),
+    ("/v1/completions", {"prompt": "a", "min_tokens": HUGE}, "min_tokens"),
+    ("/v1/completions", {"prompt": "a", "stop_token_ids": [1, HUGE]}, "stop_token_ids.1"),
+    ("/v1/completions", {"prompt": [1, HUGE]}, "prompt.1"),
+    ("/v1/completions", {"prompt": [[1], [2, HUGE]]}, "prompt.1.1"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"1": HUGE}}, "logit_bias.1"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {HUGE: 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "a", "temperature": HUGE}, "temperature"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": HUGE}, "n"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": HUGE}, "max_tokens"),
+    (
+        "/v1/chat/completions",
+        {"messages": CHAT, "max_completion_tokens": HUGE},
+        "max_completion_tokens",
+    ),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": HUGE}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "seed": HUGE}, "seed"),
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {HUGE: 1}}, "logit_bias"),
+    (
+        "/v1/chat/completions",
+        {"messages": CHAT, "chat_template_kwargs": {"x": HUGE}},
+        "chat_template_kwargs.x",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": HUGE}]},
+        "messages.0.content",
+    ),
+    ("/tokenize", {"prompt": "a", "n": HUGE}, "n"),
+    ("/tokenize", {"prompt": HUGE}, "prompt"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "a", "x": HUGE}]}, "messages.0.x"),
+    ("/detokenize", {"tokens": [1, HUGE]}, "tokens.1"),
+    ("/detokenize", {"tokens": [1], "n": HUGE}, "n"),
+]
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"), HUGE_FIELDS, ids=[f"{r}:{f}" for r, _, f in HUGE_FIELDS]
+)
+def test_an_integer_too_long_for_python_is_a_400_naming_the_field(server, route, body, field):
+    r = post(server.url, route, with_huge(body))
+    assert r.status_code == 400, r.text[:300]
+    assert param(route, r) == field
+    if field == "logit_bias":  # a key: a token id
+        assert message(route, r) == (
+            f"logit_bias: a token id of {DIGITS} digits; integers have at most {LIMIT} "
+            "digits (PYTHONINTMAXSTRDIGITS)"
+        )
+    else:
+        assert message(route, r).endswith(
+            f"{field}: an integer of {DIGITS} digits; integers have at most {LIMIT} "
+            "digits (PYTHONINTMAXSTRDIGITS)"
+        )
