@@ -1,4 +1,4 @@
-"""Bodies a hostile client sends, through a real `bentoml serve` (issue 23, items 4, 5).
+"""Bodies a hostile client sends, through a real `bentoml serve` (issue 23, items 4, 5, 6, 8).
 
 Each answer is a 4xx in the route's own error shape, naming the field, the limit and the
 value; none costs the server more than a bounded response and a bounded log line.
@@ -7,10 +7,15 @@ value; none costs the server more than a bounded response and a bounded log line
 from __future__ import annotations
 
 import json
+import socket
 import sys
+from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+
+from tests.conftest import start_server, stop_server
 
 PROMPT = "Artificial Intelligence is a"
 JSON = {"content-type": "application/json"}
@@ -170,3 +175,70 @@ def test_an_integer_too_long_for_python_is_a_400_naming_the_field(server, route,
             f"{field}: an integer of {DIGITS} digits; integers have at most {LIMIT} "
             "digits (PYTHONINTMAXSTRDIGITS)"
         )
+
+
+# -- item 6: two Content-Type headers ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("route", "body"), ROUTES)
+def test_two_content_type_headers_are_refused(server, route, body):
+    headers = [
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("content-type", "application/json"),
+    ]
+    r = post(server.url, route, json.dumps(body), headers)
+    assert r.status_code == 400
+    assert message(route, r) == (
+        "send one Content-Type header, got 2: "
+        "'application/x-www-form-urlencoded', 'application/json'"
+    )
+
+
+# -- item 8: a body that stops arriving -----------------------------------------------------
+
+BODY_TIMEOUT_S = 1  # lowered for the test; the default is README's
+
+
+@pytest.fixture(scope="module")
+def impatient(model_store, tmp_path_factory) -> Iterator:
+    home, tag = model_store
+    log = tmp_path_factory.mktemp("logs") / "impatient.log"
+    srv = start_server(home, tag, log, TEXTGEN_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT_S))
+    yield srv
+    stop_server(srv)
+
+
+def stalled_request(url: str, route: str, sent: bytes, declared: int) -> bytes:
+    """Sends the headers and `sent` of a body of `declared` bytes, then nothing; returns
+    what the server answers (b"" when it closes without answering)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as conn:
+        head = (
+            f"POST {route} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+        )
+        conn.sendall(head.encode() + sent)
+        chunks = []
+        try:
+            while chunk := conn.recv(65536):  # the server answers, then closes
+                chunks.append(chunk)
+        except TimeoutError:
+            pass  # still nothing after 30 s: the test fails on what came so far
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions", "/tokenize"])
+def test_a_body_that_stalls_gets_408(impatient, route):
+    answer = stalled_request(impatient.url, route, b'{"prompt": "Art', 100)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert b"connection: close" in head.lower()
+    expected = (
+        f"the request body did not arrive within {BODY_TIMEOUT_S} s "
+        "(TEXTGEN_BODY_TIMEOUT_SECONDS): 15 of 100 bytes received"
+    )
+    parsed = json.loads(body)
+    assert (parsed["error"]["message"] if openai_shaped(route) else parsed["error"]) == expected
+    # The server still serves.
+    r = httpx.post(f"{impatient.url}/generate", json=ROUTES[0][1], timeout=60)
+    assert r.status_code == 200

@@ -109,6 +109,7 @@ class Settings:
     trust_request_chat_template: bool = False  # whether a request may send its own template
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
     drain_seconds: float = 0.0  # after SIGTERM: /readyz 503 but still serving, then stop
+    body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -148,4 +149,5 @@ class Settings:
             trust_request_chat_template=_env_bool("TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE", False),
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
             drain_seconds=_env_float("TEXTGEN_DRAIN_SECONDS", 0.0, 0.0, 3600.0, or_equal=True),
+            body_timeout_seconds=_env_float("TEXTGEN_BODY_TIMEOUT_SECONDS", 30.0, 0.0, 3600.0),
         )

@@ -1,4 +1,5 @@
-"""The outermost layer of the HTTP app: body size, API key, the 429 shape, request ids.
+"""The outermost layer of the HTTP app: API key, the body's size, type and deadline, the 429
+shape, request ids.
 
 BentoML puts user middlewares inside its own traffic limiter, so this wraps the
 whole app instead (`TextgenService.to_asgi`): it sees every request first and
@@ -7,10 +8,17 @@ which it adds `Retry-After` and, on /v1, OpenAI's error shape. Every response
 carries `X-Request-Id` (the client's, else a new one), also in the access log
 line and error bodies; event streams say not to cache or buffer them; while
 the replica drains after SIGTERM, /readyz answers 503.
+
+A body is read here, whole, before BentoML's limiter admits the request, so reading it
+has a deadline of its own (TEXTGEN_BODY_TIMEOUT_SECONDS): a client that stops sending
+mid-body gets a 408 and its connection closed instead of holding it open. A request with
+two Content-Type headers is refused: this check and BentoML's parser would each read a
+different one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -41,6 +49,7 @@ GENERATION_ROUTES = frozenset(
 REJECTION_CAUSES = {
     400: "invalid",
     401: "unauthorized",
+    408: "body_timeout",
     413: "body_too_large",
     415: "unsupported_media_type",
     422: "invalid",
@@ -72,6 +81,11 @@ def is_generation_route(path: str) -> bool:
     return path in GENERATION_ROUTES or path.startswith("/v1/")
 
 
+def is_openai_shaped(path: str) -> bool:
+    """Routes whose errors take OpenAI's shape: /v1 and vLLM's tokenizer routes."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+
 class FrontDoor:
     def __init__(
         self, app: ASGIApp, settings: Settings, max_body_bytes: int = MAX_BODY_BYTES
@@ -80,6 +94,7 @@ class FrontDoor:
         self.api_key = settings.api_key
         self.max_body_bytes = max_body_bytes
         self.drain_seconds = settings.drain_seconds
+        self.body_timeout_seconds = settings.body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -98,8 +113,7 @@ class FrontDoor:
             return await PlainTextResponse("draining", status_code=503)(scope, receive, send)
         if not is_generation_route(scope["path"]):
             return await self.app(scope, receive, send)
-        openai_route = scope["path"].startswith("/v1/")
-        send = self._watching(send, scope, receive, openai_route)
+        send = self._watching(send, scope, receive, is_openai_shaped(scope["path"]))
         if self.api_key is not None and not self._authorized(scope):
             return await self._reject(
                 401,
@@ -109,12 +123,23 @@ class FrontDoor:
                 send,
             )
         if scope["method"] == "POST":
-            media_type = _media_type(scope)
+            content_types = _header_values(scope, b"content-type")
+            if len(content_types) > 1:
+                shown = ", ".join(repr(value[:80]) for value in content_types[:4])
+                message = f"send one Content-Type header, got {len(content_types)}: {shown}"
+                return await self._reject(400, message, scope, receive, send)
+            media_type = _media_type(content_types)
             if media_type not in ("", "application/json"):
                 message = f"Content-Type must be application/json, got {media_type!r}"
                 return await self._reject(415, message, scope, receive, send)
-            body = await self._read_body(scope, receive)
-            if body is None:
+            body = _Body(scope)
+            try:
+                async with asyncio.timeout(self.body_timeout_seconds):
+                    whole = await body.read(receive, self.max_body_bytes)
+            except TimeoutError:
+                message = body.late(self.body_timeout_seconds)
+                return await self._reject(408, message, scope, receive, send, close=True)
+            if not whole:
                 return await self._reject(
                     413,
                     f"request body exceeds the limit of {self.max_body_bytes} bytes",
@@ -122,7 +147,7 @@ class FrontDoor:
                     receive,
                     send,
                 )
-            receive = _replay(body, receive)
+            receive = _replay(b"".join(body.chunks), receive)
         await self.app(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
@@ -133,30 +158,21 @@ class FrontDoor:
             token.strip(), self.api_key.encode()
         )
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        """The whole body, or None once it passes the limit (declared or actual)."""
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
     async def _reject(
-        self, status: int, message: str, scope: Scope, receive: Receive, send: Send
+        self,
+        status: int,
+        message: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        close: bool = False,
     ) -> None:
-        await _error(status, message, scope["path"].startswith("/v1/"))(scope, receive, send)
+        """The error in the route's shape; `close`: the connection is not reused (the rest of
+        its body was never read)."""
+        response = _error(status, message, is_openai_shaped(scope["path"]))
+        if close:
+            response.headers["Connection"] = "close"
+        await response(scope, receive, send)
 
     def _watching(self, send: Send, scope: Scope, receive: Receive, openai_route: bool) -> Send:
         """Counts rejections; gives a bare 429 (BentoML's limiter) Retry-After and our shape."""
@@ -251,9 +267,47 @@ def _with_request_id(body: bytes, request_id: str) -> bytes:
     return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _media_type(scope: Scope) -> str:
-    header = dict(scope["headers"]).get(b"content-type", b"")
-    return header.decode("latin-1").split(";")[0].strip().lower()
+class _Body:
+    """A request body being read: its chunks so far, and its declared length."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        self.declared = int(declared) if declared.isdigit() and len(declared) < 20 else None
+
+    async def read(self, receive: Receive, limit: int) -> bool:
+        """Reads until the body ends (True) or passes `limit`, declared or actual (False)."""
+        if self.declared is not None and self.declared > limit:
+            return False
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return True
+            chunk = message.get("body", b"")
+            self.size += len(chunk)
+            if self.size > limit:
+                return False
+            self.chunks.append(chunk)
+            if not message.get("more_body", False):
+                return True
+
+    def late(self, timeout_seconds: float) -> str:
+        """The 408's message: the deadline, its setting, and how much arrived."""
+        of = "" if self.declared is None else f" of {self.declared}"
+        return (
+            f"the request body did not arrive within {timeout_seconds:g} s "
+            f"(TEXTGEN_BODY_TIMEOUT_SECONDS): {self.size}{of} bytes received"
+        )
+
+
+def _header_values(scope: Scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope["headers"] if key.lower() == name]
+
+
+def _media_type(content_types: list[str]) -> str:
+    header = content_types[0] if content_types else ""
+    return header.split(";")[0].strip().lower()
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
