@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -67,12 +66,15 @@ class Cluster:
         }
 
     def balancer_log(self) -> str:
-        """HAProxy's request log, whole: its ring, read on its CLI (on the Compose network)."""
-        cli = (ip_of(f"{self.project}_balancer_1"), 9999)
-        with socket.create_connection(cli, timeout=10) as conn:
-            conn.sendall(b"show events requests\n")
-            chunks = iter(lambda: conn.recv(1 << 16), b"")
-            return b"".join(chunks).decode(errors="replace")
+        """HAProxy's request log, whole: its ring, read on its CLI, which listens on the
+        balancer container's loopback only (deploy/haproxy/haproxy.cfg): from inside it."""
+        read = 'exec 3<>/dev/tcp/127.0.0.1/9999; echo "show events requests" >&3; cat <&3'
+        balancer = f"{self.project}_balancer_1"
+        out = subprocess.run(
+            ["docker", "exec", balancer, "bash", "-c", read], capture_output=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr.decode(errors="replace")
+        return out.stdout.decode(errors="replace")
 
 
 def ip_of(cid: str) -> str:
