@@ -14,8 +14,15 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from tests.conftest import start_server, stop_server
+from textgen.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 PROMPT = "Artificial Intelligence is a"
 JSON = {"content-type": "application/json"}
@@ -90,6 +97,72 @@ def test_an_unknown_field_flood_on_routes_that_ignore_them_is_bounded(server, ro
     assert r.status_code == 200
     assert len(r.headers.get("x-ignored-fields", "")) <= 1024
     assert server.log.stat().st_size - logged < 32_768
+
+
+# Bad items by the hundred thousand: only the first error is reported on these routes, and
+# only a few are built (one per union branch), not one per item.
+ERROR_FLOODS = [
+    (
+        "/v1/completions",
+        {"prompt": [{}] * 300_000},
+        "prompt.str",
+        "prompt.str: Input should be a valid string, got [{}, {}, {}",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "a", "stop": ["a", *[1] * 300_000]},
+        "stop.str",
+        "stop.str: Input should be a valid string, got ['a', 1, 1",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "a", "logit_bias": {str(i): "x" for i in range(80_000)}},
+        "logit_bias",
+        "logit_bias takes at most 300 tokens, got 80000",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{}] * 300_000},
+        "messages.0.role",
+        "messages.0.role: Field required, got {}",
+    ),
+    (
+        "/detokenize",
+        {"tokens": [-1] * 300_000},
+        "tokens.0",
+        "tokens.0: Input should be greater than or equal to 0, got -1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "field", "text"), ERROR_FLOODS)
+def test_a_flood_of_bad_items_gets_its_first_error(server, route, body, field, text):
+    content = json.dumps(body, separators=(",", ":"))
+    assert len(content) < 1 << 20
+    r = post(server.url, route, content)
+    assert r.status_code == 400
+    assert param(route, r) == field
+    assert message(route, r).startswith(text)
+
+
+@pytest.mark.parametrize(
+    ("schema", "body"),
+    [
+        (CompletionRequest, {"prompt": [{}] * 300_000}),
+        (CompletionRequest, {"prompt": [[1]] * 300_000 + [[-1]]}),
+        (CompletionRequest, {"prompt": "a", "stop_token_ids": [-1] * 300_000}),
+        (ChatCompletionRequest, {"messages": [{}] * 300_000}),
+        (ChatCompletionRequest, {"messages": [{"role": "u", "content": [{}] * 300_000}]}),
+        (TokenizeRequest, {"messages": [{}] * 300_000}),
+        (DetokenizeRequest, {"tokens": [-1] * 300_000}),
+    ],
+)
+def test_bad_items_make_one_error_per_union_branch_not_per_item(schema, body):
+    """What the route above does not show: the errors built, all turned into Python
+    objects on the event loop though one is reported."""
+    with pytest.raises(ValidationError) as caught:
+        schema.model_validate(body)
+    assert caught.value.error_count() <= 4
 
 
 # -- item 5: integers past Python's int-to-str digit limit --------------------------------

@@ -3,17 +3,32 @@
 Unknown fields are accepted and reported back (`ignored_fields`), as vLLM logs
 them. Every bound here is the wire's; bounds set by the model or the settings
 (vocabulary, context, TEXTGEN_MAX_*) are checked where the engine is known.
+
+Only a request's first validation error is reported (`openai_api.parse`), so lists
+stop at their first bad item (`fail_fast`) and an oversized `logit_bias` is refused
+before its values are validated: otherwise a 1 MiB body of bad items builds one error
+per item (and per union branch), a million Python objects on the event loop.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from textgen.errors import OpenAIError
 from textgen.openapi30 import OpenAPI30Schema
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit on logit_bias entries
+
+
+def _first_error_only(**constraints: Any) -> Any:
+    """A list's constraints, validation stopping at its first bad item."""
+    return Field(fail_fast=True, **constraints)
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], _first_error_only()]
+Texts = Annotated[list[str], _first_error_only()]
 
 
 class StreamOptions(BaseModel):
@@ -30,7 +45,7 @@ class _Sampling(OpenAPI30Schema, BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)  # 0: greedy
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | Texts | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -46,6 +61,18 @@ class _Sampling(OpenAPI30Schema, BaseModel):
     ignore_eos: bool = False
     stop_token_ids: TokenIds | None = None
     include_stop_str_in_output: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _logit_bias_size(cls, data: Any) -> Any:
+        bias = data.get("logit_bias") if isinstance(data, dict) else None
+        if isinstance(bias, dict) and len(bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise OpenAIError(  # not a ValueError: pydantic passes it on as it is
+                400,
+                f"logit_bias takes at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}",
+                "logit_bias",
+            )
+        return data
 
     @property
     def ignored_fields(self) -> list[str]:
@@ -71,7 +98,7 @@ class _Sampling(OpenAPI30Schema, BaseModel):
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`."""
 
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: str | Texts | TokenIds | Annotated[list[TokenIds], _first_error_only()]
     max_tokens: int | None = Field(16, ge=0)  # None: the rest of the context
     echo: bool = False
     logprobs: int | None = Field(None, ge=0)
@@ -98,7 +125,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], _first_error_only()] | None = None
     name: str | None = None
 
     def as_template_input(self) -> dict[str, Any]:
@@ -115,7 +142,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     """`POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = _first_error_only(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # None: the rest of the context
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins
     logprobs: bool = False
@@ -137,7 +164,7 @@ class TokenizeRequest(OpenAPI30Schema, BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], _first_error_only()] | None = None
     add_special_tokens: bool = True  # GPT-2 adds none either way
     add_generation_prompt: bool = True
     chat_template: str | None = None
