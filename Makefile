@@ -18,8 +18,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The venv's bin/ on PATH: the tests run its commands (schemathesis, kubectl) by name.
 test: lint
-	$(PY) -m pytest
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py
