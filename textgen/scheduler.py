@@ -8,7 +8,10 @@ cache slot (`seq.slot`) from admission to retirement, and no two running
 sequences share a slot. Slots never move: `admit` takes the lowest free slot
 (so the live slots stay packed near 0 and decode attention spans few holes),
 `retire` gives a finished sequence's slot back. Nothing is copied when a
-neighbour leaves.
+neighbour leaves. With prefix caching (textgen/prefix_cache.py) `admit` takes
+instead the free slot that already holds the longest prefix of the prompt, or
+the least recently used one, and may name a running sequence's slot to copy a
+prefix from (`copy_from`), which the engine does before anything else writes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from textgen.params import SamplingParams
+from textgen.prefix_cache import Match, PrefixCache, common_prefix
 from textgen.text import Decoder, Detokenizer, StopMatcher
 
 
@@ -60,6 +64,7 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 Event = TokenEvent | FinishEvent
@@ -91,6 +96,13 @@ class Sequence:
     # One entry per prompt token when `params.prompt_logprobs` is set: written by the
     # engine thread at prefill, before the sequence's first event is delivered.
     prompt_logprobs: list[PromptLogprob] | None = None
+    # Set at admission (prefix caching): positions 0..cached_tokens-1 of the slot hold
+    # this prompt's keys and values before its prefill (copied from slot `copy_from`
+    # first, when that is not None), and, when it scores its prompt, their entries.
+    cached_tokens: int = 0
+    copy_from: int | None = None
+    prefix_logprobs: list[PromptLogprob] | None = None
+    prefilled: bool = False  # its prompt's keys and values are in its slot
 
     def __post_init__(self) -> None:
         self._detokenizer = Detokenizer(self.decoder)
@@ -100,6 +112,14 @@ class Sequence:
     def num_tokens(self) -> int:
         """Tokens in the KV cache once the last output token is fed back."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose keys and values are in its slot now (the last output token's are
+        written when it is fed back, at the next step)."""
+        if not self.prefilled:
+            return 0
+        return self.num_tokens - 1 if self.output_ids else len(self.prompt_ids)
 
     def append_token(
         self,
@@ -145,8 +165,20 @@ class Sequence:
             return
         self.status, self.error = status, error
         self.events.append(
-            FinishEvent(status, self.text, len(self.prompt_ids), len(self.output_ids), error)
+            FinishEvent(
+                status,
+                self.text,
+                len(self.prompt_ids),
+                len(self.output_ids),
+                error,
+                self.cached_tokens,
+            )
         )
+
+
+# A prompt sharing this many tokens more with one admitted in the same step than the
+# prefix cache holds waits one step, to take them from the cache instead of computing them.
+DEFER_SHARED_TOKENS = 16
 
 
 class QueueFull(Exception):
@@ -165,7 +197,11 @@ class Scheduler:
     """
 
     def __init__(
-        self, max_batch_size: int, max_waiting: int, max_prefill_tokens: int = 2048
+        self,
+        max_batch_size: int,
+        max_waiting: int,
+        max_prefill_tokens: int = 2048,
+        prefix_caching: bool = False,
     ) -> None:
         self.max_batch_size = max_batch_size  # KV slots, so sequences in the running batch
         self.max_waiting = max_waiting  # queued sequences beyond which submit refuses
@@ -174,6 +210,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.running: list[Sequence] = []  # in admission order; each holds its own slot
         self._free_slots = list(range(max_batch_size))  # a min-heap
+        self.prefix_cache = PrefixCache() if prefix_caching else None
         self._waiting: deque[Sequence] = deque()
         self._closed: str | None = None  # why submissions are refused, once they are
         self._lock = threading.Lock()
@@ -224,9 +261,13 @@ class Scheduler:
         """Moves waiting sequences, in arrival order, into free slots.
 
         Admits while slots are free and the prefill stays within
-        `max_prefill_tokens` (always at least one, however long its prompt), of which
-        prompts that are scored (their every position's logits, each (V,) wide: the
-        lm_head and a log-softmax per position) may take half.
+        `max_prefill_tokens` of tokens to compute (always at least one sequence,
+        however long its prompt), of which prompts that are scored (their every
+        position's logits, each (V,) wide: the lm_head and a log-softmax per position)
+        may take half. With prefix caching, a prompt that shares at least
+        DEFER_SHARED_TOKENS more with a prompt admitted in this step than the cache
+        holds waits for the next step, and then takes that prefix from the cache
+        (lm-eval's choices of one question arrive together).
         Returns the admitted ones (they need a prefill) and the ones cancelled
         while they waited (finished without running).
         """
@@ -238,20 +279,45 @@ class Scheduler:
             longest = scored = 0
             while self._waiting and self._free_slots:
                 seq = self._waiting[0]
-                longest = max(longest, len(seq.prompt_ids))
+                match = (
+                    None if self.prefix_cache is None else self.prefix_cache.best(seq, self.running)
+                )
+                cached = match.length if match is not None else 0
+                new_tokens = len(seq.prompt_ids) - cached
+                longest = max(longest, new_tokens)
                 if seq.params.scores_prompt:
-                    scored += len(seq.prompt_ids)
+                    scored += new_tokens
                 over = (len(admitted) + 1) * longest > self.max_prefill_tokens
                 if admitted and (over or 2 * scored > self.max_prefill_tokens):
                     break
+                if admitted and self.prefix_cache is not None:
+                    shared = max(common_prefix(seq.prompt_ids, a.prompt_ids) for a in admitted)
+                    if shared - cached >= DEFER_SHARED_TOKENS:
+                        break
                 self._waiting.popleft()
                 seq.status = Status.RUNNING
-                seq.slot = heapq.heappop(self._free_slots)
+                self._place(seq, match)
                 self.running.append(seq)
                 admitted.append(seq)
         for seq in dropped:
             seq.finish(Status.CANCELLED)
         return admitted, dropped
+
+    def _place(self, seq: Sequence, match: Match | None) -> None:
+        """Gives `seq` a free slot: the lowest, or with prefix caching the one that holds
+        `match` (its prompt's longest cached prefix), else the least recently used one."""
+        cache = self.prefix_cache
+        if cache is None:
+            seq.slot = heapq.heappop(self._free_slots)
+            return
+        slot = match.slot if match is not None and match.free else cache.evictable(self._free_slots)
+        self._free_slots.remove(slot)
+        heapq.heapify(self._free_slots)
+        cache.records.pop(slot, None)  # the new occupant overwrites it from its prefix on
+        seq.slot = slot
+        if match is not None:
+            seq.cached_tokens, seq.prefix_logprobs = match.length, match.scored
+            seq.copy_from = None if match.free else match.slot
 
     def retire(self) -> list[Sequence]:
         """Removes finished (and cancelled) sequences from the batch, freeing their slots."""
@@ -262,6 +328,8 @@ class Scheduler:
         if done:
             self.running = [seq for seq in self.running if not seq.status.finished]
             for seq in done:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.keep(seq, failed=seq.status is Status.FAILED)
                 heapq.heappush(self._free_slots, seq.slot)
                 seq.slot = -1
         return done
@@ -275,6 +343,8 @@ class Scheduler:
             seq.slot = -1
         self.running = []
         self._free_slots = list(range(self.max_batch_size))
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget()  # the engine clears every slot
         return failed
 
     def close(self, error: str) -> list[Sequence]:
