@@ -24,6 +24,7 @@ test: lint
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py
+	$(PY) bench/prefix_cache.py
 
 # Replicas of the image behind HAProxy (deploy/): builds what is missing, prints the URL.
 cluster: $(VENV)/.installed
