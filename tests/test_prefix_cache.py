@@ -283,3 +283,119 @@ def test_usage_and_metrics_report_cached_tokens(server, tokenizer):
     assert usages[1].prompt_tokens_details.cached_tokens == n - 1
     assert chats[1].prompt_tokens_details.cached_tokens == chats[1].prompt_tokens - 1
     assert hits() - before >= (n - 1) + chats[1].prompt_tokens - 1
+
+
+def test_a_prefill_failing_beside_a_decode_leaves_no_prefix_even_of_a_finished_row(
+    tiny_model, tokenizer, base
+):
+    """A scoring request (max_tokens 0) finishes inside a prefill whose other row then
+    fails: its slot is cleared with the step's new rows, so it must leave no record."""
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=4)
+    choose, victims = eng.sampler.choose, []
+
+    def failing_choose(logits, seqs):
+        if any(s in victims for s in seqs):
+            raise RuntimeError("boom in the sampler")
+        return choose(logits, seqs)
+
+    eng.sampler.choose = failing_choose
+    try:
+
+        async def scenario():
+            running = asyncio.ensure_future(
+                _generate(eng, [50, 51, 52, 53], SamplingParams(max_new_tokens=300), 100)
+            )
+            while not eng.scheduler.running or not eng.scheduler.running[0].output_ids:
+                await asyncio.sleep(0.01)
+            scored = eng.new_sequence(base, SamplingParams(max_new_tokens=0, prompt_logprobs=1))
+            failing = eng.new_sequence([9, 8, 7, 6], GREEDY)
+            victims.append(failing)
+            events = [e async for _, e in eng.stream([scored, failing])]
+            victims.clear()
+            await running
+            return events
+
+        events = run(scenario())
+        finals = [e for e in events if isinstance(e, FinishEvent)]
+        # The scored row's logprobs were whole before the other row failed: it succeeded.
+        assert sorted((f.status.finish_reason, f.error) for f in finals) == [
+            ("error", "generation failed: boom in the sampler"),
+            ("length", None),
+        ]
+        assert all(len(r.tokens) < len(base) for r in eng.scheduler.prefix_cache.records.values())
+        tokens, final, _ = run(_generate(eng, base))
+        assert (tokens, final.cached_tokens) == (hf_greedy(tiny_model, base, 12), 0)
+    finally:
+        eng.shutdown()
+
+
+def test_choices_of_one_question_compute_its_context_once(tiny_model, tokenizer, base):
+    """lm-eval's multiple choice: a question's choices arrive together; the first is
+    prefilled, the rest wait one step and take the context from it, while the other
+    questions' first choices go on being admitted."""
+    score = SamplingParams(max_new_tokens=0, prompt_logprobs=1)
+    contexts = [[4000 + q, *base[:30]] for q in range(3)]
+    prompts = [[*ctx, 5000 + c, 5001 + c] for ctx in contexts for c in range(4)]
+    results = {}
+    for caching in (True, False):
+        eng = make_engine(tiny_model, tokenizer, max_batch_size=16, prefix_caching=caching)
+        rows, prefill = [], eng.runner.prefill
+
+        def counting(prompts_, *args, rows=rows, prefill=prefill):
+            rows.append(len(prompts_))
+            return prefill(prompts_, *args)
+
+        eng.runner.prefill = counting
+        try:
+
+            async def together():
+                seqs = [eng.new_sequence(p, score) for p in prompts]  # noqa: B023
+                [e async for e in eng.stream(seqs)]  # noqa: B023
+                return seqs
+
+            results[caching] = (rows, run(together()))
+        finally:
+            eng.shutdown()
+    rows, seqs = results[True]
+    assert rows == [3, 9]
+    assert [s.cached_tokens for s in seqs] == [0, 30, 30, 30] * 3
+    for cached, plain in zip(seqs, results[False][1], strict=True):
+        for have, want in zip(cached.prompt_logprobs[1:], plain.prompt_logprobs[1:], strict=True):
+            assert have[0] == pytest.approx(want[0], abs=1e-5)
+            assert [t for t, _ in have[1]] == [t for t, _ in want[1]]
+
+
+def test_a_short_match_does_not_destroy_a_longer_cached_prefix(tiny_model, tokenizer, base):
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=2)
+    try:
+        run(_generate(eng, base))
+        other = [base[0], 1000, 1001, 1002]  # shares one token with base's record
+        tokens, final, seq = run(_generate(eng, other))
+        assert (tokens, final.cached_tokens) == (hf_greedy(tiny_model, other, 12), 1)
+        assert seq.copy_from is not None  # copied out: the empty slot was taken
+        tokens, final, _ = run(_generate(eng, base))
+        assert (tokens, final.cached_tokens) == (hf_greedy(tiny_model, base, 12), len(base) - 1)
+    finally:
+        eng.shutdown()
+
+
+def test_two_conversations_sharing_a_system_prompt_keep_their_histories(
+    tiny_model, tokenizer, base
+):
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=4)
+    system = base[:20]
+    histories = {"a": [*system, 1000, 1001], "b": [*system, 2000, 2001, 2002]}
+    expected = {"a": 0, "b": 0}  # the second conversation finds the first's system prompt
+    try:
+        for turn in range(3):
+            for user, history in histories.items():
+                tokens, final, _ = run(_generate(eng, history))
+                assert tokens == hf_greedy(tiny_model, history, 12)
+                if turn:
+                    assert final.cached_tokens == expected[user]
+                # Next turn: this prompt and reply, then the user's words. The slot holds
+                # all but the reply's last token (never fed back).
+                histories[user] = [*history, *tokens, 3000 + turn]
+                expected[user] = len(history) + len(tokens) - 1
+    finally:
+        eng.shutdown()

@@ -409,6 +409,7 @@ class Engine:
                 self.metrics.step_failures.inc()
                 for seq in admitted:
                     seq.finish(Status.FAILED, error=f"generation failed: {exc}")
+                    seq.prefilled = False  # one that finished in it leaves no prefix
                 self.runner.clear_slots([s.slot for s in admitted])
         self._deliver(self.scheduler.running)
         return bool(decoding) or any(

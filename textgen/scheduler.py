@@ -10,8 +10,10 @@ sequences share a slot. Slots never move: `admit` takes the lowest free slot
 `retire` gives a finished sequence's slot back. Nothing is copied when a
 neighbour leaves. With prefix caching (textgen/prefix_cache.py) `admit` takes
 instead the free slot that already holds the longest prefix of the prompt, or
-the least recently used one, and may name a running sequence's slot to copy a
-prefix from (`copy_from`), which the engine does before anything else writes.
+the lowest empty one, else the least recently used one (so running sequences
+may spread over the slots, and decode attends over the gaps), and may name a
+slot to copy a prefix from (`copy_from`), which the engine does before anything
+else writes.
 """
 
 from __future__ import annotations
@@ -265,9 +267,10 @@ class Scheduler:
         however long its prompt), of which prompts that are scored (their every
         position's logits, each (V,) wide: the lm_head and a log-softmax per position)
         may take half. With prefix caching, a prompt that shares at least
-        DEFER_SHARED_TOKENS more with a prompt admitted in this step than the cache
-        holds waits for the next step, and then takes that prefix from the cache
-        (lm-eval's choices of one question arrive together).
+        DEFER_SHARED_TOKENS more with a prompt admitted in this step (one whose prefix
+        it could use) than the cache holds waits for the next step, ahead of the
+        queue, and then takes that prefix from the cache (lm-eval sends a question's
+        choices together); the sequences behind it go on being admitted.
         Returns the admitted ones (they need a prefill) and the ones cancelled
         while they waited (finished without running).
         """
@@ -277,12 +280,20 @@ class Scheduler:
             if dropped:
                 self._waiting = deque(s for s in self._waiting if not s.cancel_requested)
             longest = scored = 0
+            deferred: list[Sequence] = []
             while self._waiting and self._free_slots:
                 seq = self._waiting[0]
-                match = (
-                    None if self.prefix_cache is None else self.prefix_cache.best(seq, self.running)
-                )
+                cache = self.prefix_cache
+                match = None if cache is None else cache.best(seq, self.running)
                 cached = match.length if match is not None else 0
+                if admitted and cache is not None:
+                    sources = [a for a in admitted if cache.could_serve(a, seq)]
+                    shared = max(
+                        (common_prefix(seq.prompt_ids, a.prompt_ids) for a in sources), default=0
+                    )
+                    if shared - cached >= DEFER_SHARED_TOKENS:
+                        deferred.append(self._waiting.popleft())
+                        continue
                 new_tokens = len(seq.prompt_ids) - cached
                 longest = max(longest, new_tokens)
                 if seq.params.scores_prompt:
@@ -290,34 +301,27 @@ class Scheduler:
                 over = (len(admitted) + 1) * longest > self.max_prefill_tokens
                 if admitted and (over or 2 * scored > self.max_prefill_tokens):
                     break
-                if admitted and self.prefix_cache is not None:
-                    shared = max(common_prefix(seq.prompt_ids, a.prompt_ids) for a in admitted)
-                    if shared - cached >= DEFER_SHARED_TOKENS:
-                        break
                 self._waiting.popleft()
                 seq.status = Status.RUNNING
                 self._place(seq, match)
                 self.running.append(seq)
                 admitted.append(seq)
+            self._waiting.extendleft(reversed(deferred))  # first next step, in their order
         for seq in dropped:
             seq.finish(Status.CANCELLED)
         return admitted, dropped
 
     def _place(self, seq: Sequence, match: Match | None) -> None:
-        """Gives `seq` a free slot: the lowest, or with prefix caching the one that holds
-        `match` (its prompt's longest cached prefix), else the least recently used one."""
-        cache = self.prefix_cache
-        if cache is None:
+        """Gives `seq` a free slot: the lowest, or with prefix caching the one
+        `PrefixCache.place` chooses for `match` (its prompt's longest cached prefix)."""
+        if self.prefix_cache is None:
             seq.slot = heapq.heappop(self._free_slots)
             return
-        slot = match.slot if match is not None and match.free else cache.evictable(self._free_slots)
-        self._free_slots.remove(slot)
+        seq.slot, seq.copy_from = self.prefix_cache.place(match, self._free_slots)
+        self._free_slots.remove(seq.slot)
         heapq.heapify(self._free_slots)
-        cache.records.pop(slot, None)  # the new occupant overwrites it from its prefix on
-        seq.slot = slot
         if match is not None:
             seq.cached_tokens, seq.prefix_logprobs = match.length, match.scored
-            seq.copy_from = None if match.free else match.slot
 
     def retire(self) -> list[Sequence]:
         """Removes finished (and cancelled) sequences from the batch, freeing their slots."""
