@@ -301,13 +301,8 @@ class GPT2Runner:
         """`prefill` in one call, every row padded to the longest."""
         if any(starts):
             return self._prefill_after(prompts, slots, every_position, starts)
-        n = len(prompts)
-        t = max(len(p) for p in prompts)
-        ids = torch.zeros((n, t), dtype=torch.long)
-        for i, prompt in enumerate(prompts):  # right-padded; padding is never attended
-            ids[i, : len(prompt)] = torch.tensor(prompt)
-        ids = ids.to(self.device)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # (n,)
+        ids = _padded(prompts).to(self.device)  # padding is never attended
+        n, t = ids.shape
         slot_ids = torch.tensor(slots, device=self.device)  # (n,)
         positions = torch.arange(t, device=self.device)
         x = self.wte(ids) + self.wpe(positions)  # (n, T, C)
@@ -319,9 +314,7 @@ class GPT2Runner:
             kv[1, slot_ids, :, :t] = v
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scaling)
             x = self._finish_block(block, x, a.transpose(1, 2).reshape(n, t, self.n_embd))
-        scored = [self.lm_head(self.ln_f(x[i, : len(prompts[i])])).float() for i in every_position]
-        x = x[torch.arange(n, device=self.device), last]  # (n, C)
-        return self.lm_head(self.ln_f(x)).float(), scored
+        return self._prefill_logits(x, prompts, every_position)
 
     def _prefill_after(
         self,
@@ -333,12 +326,9 @@ class GPT2Runner:
         """`prefill` where some rows start after a cached prefix: row i's t_i new tokens
         sit at positions starts[i]..starts[i]+t_i-1 and attend to its slot's positions
         0..their own. Only real tokens write the cache (padding never does)."""
-        n = len(prompts)
-        t = max(len(p) for p in prompts)
+        ids = _padded(prompts)
+        n, t = ids.shape
         lengths = torch.tensor([len(p) for p in prompts])  # (n,)
-        ids = torch.zeros((n, t), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, : len(prompt)] = torch.tensor(prompt)
         start = torch.tensor(starts)[:, None]  # (n, 1)
         positions = start + torch.arange(t)  # (n, T); padding's may pass the context
         real = torch.arange(t) < lengths[:, None]  # (n, T)
@@ -349,7 +339,6 @@ class GPT2Runner:
         # query attends from key 0 on, so no softmax row is empty (its output is dropped).
         mask = (torch.arange(attended) <= positions[:, :, None])[:, None].to(self.device)
         ids, slot_ids = ids.to(self.device), torch.tensor(slots, device=self.device)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # (n,)
         x = self.wte(ids) + self.wpe(positions.clamp(max=self.n_ctx - 1).to(self.device))
         for block, kv in zip(self.blocks, self.kv_cache, strict=True):
             qkv = block.qkv.forward(block.ln_1(x)).to(self.cache_dtype)  # (n, T, 3C)
@@ -361,8 +350,16 @@ class GPT2Runner:
             values = kv[1, slot_ids, :, :attended]
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=block.scaling)
             x = self._finish_block(block, x, a.transpose(1, 2).reshape(n, t, self.n_embd))
+        return self._prefill_logits(x, prompts, every_position)
+
+    def _prefill_logits(
+        self, x: torch.Tensor, prompts: list[list[int]], every_position: Seq[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Residual stream (n, T, C) after the last block -> the logits of each row's last
+        position (n, V) and, for the rows in `every_position`, of all its positions."""
         scored = [self.lm_head(self.ln_f(x[i, : len(prompts[i])])).float() for i in every_position]
-        x = x[torch.arange(n, device=self.device), last]  # (n, C)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # (n,)
+        x = x[torch.arange(len(prompts), device=self.device), last]  # (n, C)
         return self.lm_head(self.ln_f(x)).float(), scored
 
     @torch.inference_mode()
@@ -427,6 +424,14 @@ class GPT2Runner:
 
 
 ROW_SLICE = {"bf16": 32, "int8": 64}  # K-elements per 512-bit register
+
+
+def _padded(prompts: list[list[int]]) -> torch.Tensor:
+    """Token ids (n, T), each row right-padded with 0 to the longest, on the CPU."""
+    ids = torch.zeros((len(prompts), max(len(p) for p in prompts)), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, : len(prompt)] = torch.tensor(prompt)
+    return ids
 
 
 def _blocked_weight(weight: torch.Tensor, width: int) -> list[torch.Tensor]:
