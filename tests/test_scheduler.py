@@ -209,3 +209,41 @@ def test_a_finished_sequence_not_yet_retired_does_not_hold_back_a_submission():
     s.submit([b])  # no QueueFull
     s.retire()
     assert s.admit()[0] == [b] and b.slot == 0
+
+
+# -- fair share between requests (issue 23, item 2) ---------------------------------------
+
+
+def test_a_request_holds_at_most_its_share_of_slots_and_a_later_one_starts_at_once():
+    s = Scheduler(max_batch_size=4, max_waiting=10, max_slots_per_request=3)
+    wide = [seq() for _ in range(6)]
+    s.submit(wide)
+    assert s.admit()[0] == wide[:3]  # the fourth slot stays free
+    assert s.admit()[0] == []
+    late = seq()
+    s.submit([late])
+    assert s.admit()[0] == [late] and late.slot == 3
+
+
+def test_freed_slots_go_round_robin_to_the_request_holding_fewest():
+    s = Scheduler(max_batch_size=4, max_waiting=20)
+    wide = [seq() for _ in range(8)]
+    s.submit(wide)
+    s.admit()
+    other = [seq() for _ in range(3)]
+    s.submit(other)
+    for q in wide[:3]:
+        q.finish(Status.FINISHED_EOS)
+    s.retire()
+    # wide holds 1 slot, other none; then they alternate (arrival order on a tie).
+    assert s.admit()[0] == [other[0], wide[4], other[1]]
+    wide[3].finish(Status.FINISHED_EOS)
+    s.retire()
+    assert s.admit()[0] == [wide[5]]  # wide holds 1, other 2
+
+
+def test_one_request_alone_still_fills_every_slot_by_default():
+    s = Scheduler(max_batch_size=4, max_waiting=10)
+    seqs = [seq() for _ in range(4)]
+    s.submit(seqs)
+    assert s.admit()[0] == seqs

@@ -106,6 +106,8 @@ class Settings:
     max_n: int = 8  # upper bound on OpenAI `n` (choices per prompt)
     max_prompts: int = 256  # upper bound on prompts in one OpenAI request (lm-eval batches)
     max_logprobs: int = 20  # upper bound on logprobs / top_logprobs / prompt_logprobs
+    max_sequences_per_request: int = 64  # prompts x n (best_of) one request may queue
+    max_slots_per_request: int = 24  # KV slots one request holds at once (3/4 of the batch)
     chat_template: str | None = None  # a Jinja file; None: GPT-2's default (textgen/chat.py)
     trust_request_chat_template: bool = False  # whether a request may send its own template
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
@@ -147,6 +149,11 @@ class Settings:
             max_n=_env_int("TEXTGEN_MAX_N", 8, 1),
             max_prompts=_env_int("TEXTGEN_MAX_PROMPTS", 256, 1),
             max_logprobs=_env_int("TEXTGEN_MAX_LOGPROBS", 20, 0),
+            max_sequences_per_request=_env_int("TEXTGEN_MAX_SEQUENCES_PER_REQUEST", 64, 1),
+            # A quarter of the slots stays for other requests while one request is wide.
+            max_slots_per_request=_env_int(
+                "TEXTGEN_MAX_SLOTS_PER_REQUEST", max(1, max_batch_size - max_batch_size // 4), 1
+            ),
             chat_template=os.environ.get("TEXTGEN_CHAT_TEMPLATE", "").strip() or None,
             trust_request_chat_template=_env_bool("TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE", False),
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,

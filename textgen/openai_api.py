@@ -187,15 +187,16 @@ def _check_n(engine: Engine, n: int) -> None:
         raise OpenAIError(400, f"n must be <= {engine.settings.max_n}, got {n}", "n")
 
 
-def _check_sequences(engine: Engine, count: int, what: str) -> None:
-    """Bounds the sequences one request makes by what the server can hold."""
-    s = engine.settings
-    room = s.max_waiting + s.max_batch_size
-    if count > room:
+def _check_sequences(engine: Engine, count: int, field_: str, what: str) -> None:
+    """Bounds the sequences one request queues (`what` says how `count` was made), well
+    below what the server holds, so one request cannot fill the queue."""
+    limit = engine.settings.max_sequences_per_request
+    if count > limit:
         raise OpenAIError(
             400,
-            f"this request needs {count} sequences ({what}); the server holds at most {room} "
-            f"(TEXTGEN_MAX_WAITING + TEXTGEN_MAX_BATCH_SIZE)",
+            f"this request makes {count} sequences ({what}); the limit is {limit} "
+            f"(TEXTGEN_MAX_SEQUENCES_PER_REQUEST)",
+            field_,
         )
 
 
@@ -385,7 +386,10 @@ class _Completion(_Request):
             raise OpenAIError(
                 400, "max_tokens must be >= 1 unless echo is set, got 0", "max_tokens"
             )
-        _check_sequences(engine, len(prompts) * self.best_of, "prompts x best_of")
+        per_prompt = "best_of" if req.best_of else "n"
+        what = f"{len(prompts)} prompts x {per_prompt} {self.best_of}"
+        field_ = "prompt" if self.best_of == 1 else per_prompt
+        _check_sequences(engine, len(prompts) * self.best_of, field_, what)
         self.scoring = req.echo and req.logprobs is not None
         self.prompts: list[list[int]] = []
         logit_bias = _logit_bias(req.logit_bias)
@@ -588,6 +592,7 @@ async def _completion(req: CompletionRequest, frontend: Frontend) -> _Request:
 
 async def _chat_completion(req: ChatCompletionRequest, frontend: Frontend) -> _Request:
     _check_n(frontend.engine, req.n)
+    _check_sequences(frontend.engine, req.n, "n", f"n {req.n}")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
