@@ -18,6 +18,7 @@ from tests.conftest import start_server, stop_server
 
 SLOTS = 4  # the `small` server's batch: 3 slots for one request, 1 for the others
 SEQUENCES = 8  # the `small` server's sequences per request
+ENTRIES = 100  # the `small` server's logprob entries per request
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def small(model_store, tmp_path_factory) -> Iterator:
         TEXTGEN_MAX_BATCH_SIZE=str(SLOTS),
         TEXTGEN_MAX_WAITING="16",
         TEXTGEN_MAX_SEQUENCES_PER_REQUEST=str(SEQUENCES),
+        TEXTGEN_MAX_LOGPROB_ENTRIES=str(ENTRIES),
     )
     yield srv
     stop_server(srv)
@@ -111,3 +113,52 @@ def test_a_2_token_request_beside_a_wide_one_finishes_long_before_it(small):
     assert wide["r"].status_code == 200
     assert len(wide["r"].json()["choices"]) == SEQUENCES
     assert short_s < wide["s"] / 4, (short_s, wide["s"])
+
+
+# -- item 3: scoring amplifies ------------------------------------------------------------
+
+
+def test_a_scoring_request_past_the_logprob_entries_gets_400_before_it_runs(server):
+    # The shape (its 256 prompts are past TEXTGEN_MAX_SEQUENCES_PER_REQUEST now):
+    # 64 prompts x 1023 ids echoed with 20 alternatives each, a ~100 MB response.
+    body = {"prompt": [[1] * 1023] * 64, "echo": True, "logprobs": 20, "max_tokens": 0}
+    started = time.perf_counter()
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400
+    assert time.perf_counter() - started < 10  # refused before the engine saw it
+    error = openai_error(r)
+    assert error["param"] == "logprobs"
+    assert error["message"] == (
+        "this request asks for 1374912 logprob entries ((echoed prompt tokens + new tokens) x "
+        "(logprobs 20 + 1), summed over its sequences); the limit is 262144 "
+        "(TEXTGEN_MAX_LOGPROB_ENTRIES)"
+    )
+
+
+@pytest.mark.parametrize(("prompts", "status"), [(4, 200), (5, 400)])
+def test_logprob_entries_count_echoed_and_new_tokens_and_alternatives(small, prompts, status):
+    # Each prompt: (4 echoed + 1 new) x (logprobs 4 + 1) = 25 entries; the limit is 100.
+    body = {"prompt": [[1, 2, 3, 4]] * prompts, "echo": True, "logprobs": 4, "max_tokens": 1}
+    r = httpx.post(f"{small.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text[:300]
+    if status == 400:
+        assert openai_error(r)["message"].startswith("this request asks for 125 logprob entries")
+    else:
+        assert all(len(c["logprobs"]["tokens"]) == 5 for c in r.json()["choices"])
+
+
+def test_chat_top_logprobs_count_against_the_same_bound(small):
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "logprobs": True,
+        "top_logprobs": 4,
+        "max_tokens": 21,
+    }
+    r = httpx.post(f"{small.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400
+    assert openai_error(r)["param"] == "top_logprobs"
+    assert openai_error(r)["message"] == (
+        "this request asks for 105 logprob entries ((echoed prompt tokens + new tokens) x "
+        "(top_logprobs 4 + 1), summed over its sequences); the limit is 100 "
+        "(TEXTGEN_MAX_LOGPROB_ENTRIES)"
+    )

@@ -200,6 +200,31 @@ def _check_sequences(engine: Engine, count: int, field_: str, what: str) -> None
         )
 
 
+class _LogprobEntries:
+    """Counts the (token, logprob) pairs a request's response may carry, each position's
+    chosen token and its alternatives: (echoed prompt tokens + new tokens) x (logprobs + 1)
+    per sequence. `check`: past TEXTGEN_MAX_LOGPROB_ENTRIES, a 400 before anything runs."""
+
+    def __init__(self, engine: Engine, logprobs: int | None, field_: str) -> None:
+        self.limit = engine.settings.max_logprob_entries
+        self.logprobs, self.field = logprobs, field_
+        self.total = 0
+
+    def add(self, positions: int, sequences: int = 1) -> None:
+        if self.logprobs is not None:
+            self.total += positions * sequences * (self.logprobs + 1)
+
+    def check(self) -> None:
+        if self.total > self.limit:
+            raise OpenAIError(
+                400,
+                f"this request asks for {self.total} logprob entries ((echoed prompt tokens + "
+                f"new tokens) x ({self.field} {self.logprobs} + 1), summed over its "
+                f"sequences); the limit is {self.limit} (TEXTGEN_MAX_LOGPROB_ENTRIES)",
+                self.field,
+            )
+
+
 # -- choices ----------------------------------------------------------------------
 
 
@@ -396,10 +421,12 @@ class _Completion(_Request):
         logprobs = req.logprobs
         if logprobs is None and self.best_of > req.n:
             logprobs = 0  # ranking needs each token's logprob; the client gets none
+        entries = _LogprobEntries(engine, req.logprobs, "logprobs")
         for p, prompt in enumerate(prompts):
             name = "prompt" if len(prompts) == 1 else f"prompt[{p}]"
             ids = prompt_ids(engine, prompt, name)
             budget = _budget(engine, ids, req.max_tokens, name, "max_tokens")
+            entries.add((len(ids) if self.scoring else 0) + budget, self.best_of)
             self.prompts.append(ids)
             self.prompt_tokens += len(ids)
             prefix = ""
@@ -417,6 +444,7 @@ class _Completion(_Request):
                 self.seqs.append(engine.new_sequence(ids, params))
                 self.choices.append(_Choice(len(self.choices), prefix))
             self.prompt_seqs.append(self.seqs[-self.best_of])
+        entries.check()
 
     def start(self, i: int) -> bool:
         """At a sequence's first event, its echoed prompt's entries come first."""
@@ -489,6 +517,9 @@ class _ChatCompletion(_Request):
         budget = _budget(engine, ids, req.max_new_tokens, "messages", budget_field)
         self.prompt_tokens = len(ids)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        entries = _LogprobEntries(engine, logprobs, "top_logprobs")
+        entries.add(budget, req.n)
+        entries.check()
         logit_bias = _logit_bias(req.logit_bias)
         for j in range(req.n):
             params = _sampling_params(req, budget, j, logprobs=logprobs, logit_bias=logit_bias)
@@ -628,7 +659,10 @@ async def _generate(
             await events.aclose()  # cancels the sequences that did not finish
         if done is None:  # the client went away
             return Response(status_code=499)
-        return JSONResponse(work.body(), headers=headers)
+        # Off the event loop: a scoring response holds up to TEXTGEN_MAX_LOGPROB_ENTRIES
+        # entries, and building and encoding it there would hold up every other request
+        # and the health probes meanwhile.
+        return await asyncio.to_thread(lambda: JSONResponse(work.body(), headers=headers))
 
     return await _answer(handle)
 
