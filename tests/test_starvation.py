@@ -7,6 +7,7 @@ route's error shape naming the field, the limit, the value and the setting.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 
 from tests.conftest import start_server, stop_server
 
+JSON = {"content-type": "application/json"}
 SLOTS = 4  # the `small` server's batch: 3 slots for one request, 1 for the others
 SEQUENCES = 8  # the `small` server's sequences per request
 ENTRIES = 100  # the `small` server's logprob entries per request
@@ -162,3 +164,21 @@ def test_chat_top_logprobs_count_against_the_same_bound(small):
         "(top_logprobs 4 + 1), summed over its sequences); the limit is 100 "
         "(TEXTGEN_MAX_LOGPROB_ENTRIES)"
     )
+
+
+# -- item 7: /detokenize amplifies ---------------------------------------------------------
+
+
+def test_a_megabyte_of_ids_to_detokenize_gets_400(server):
+    ids = [50256] * 174_000  # "<|endoftext|>" each: the 21 MB answer
+    content = json.dumps({"tokens": ids}, separators=(",", ":"))
+    assert len(content) < 1 << 20  # under the body limit: it reaches the route
+    r = httpx.post(f"{server.url}/detokenize", content=content, headers=JSON, timeout=60)
+    assert r.status_code == 400
+    assert openai_error(r)["param"] == "tokens"
+    assert openai_error(r)["message"] == (
+        "tokens has 174000 ids; the limit is 4096 (TEXTGEN_MAX_DETOKENIZE_TOKENS)"
+    )
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": ids[:4096]}, timeout=60)
+    assert r.status_code == 200
+    assert r.json()["prompt"] == "<|endoftext|>" * 4096

@@ -109,6 +109,7 @@ class Settings:
     max_sequences_per_request: int = 64  # prompts x n (best_of) one request may queue
     max_slots_per_request: int = 24  # KV slots one request holds at once (3/4 of the batch)
     max_logprob_entries: int = 1 << 18  # (token, logprob) pairs one response may carry
+    max_detokenize_tokens: int = 4096  # token ids one /detokenize request may send
     chat_template: str | None = None  # a Jinja file; None: GPT-2's default (textgen/chat.py)
     trust_request_chat_template: bool = False  # whether a request may send its own template
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
@@ -152,6 +153,7 @@ class Settings:
             max_logprobs=_env_int("TEXTGEN_MAX_LOGPROBS", 20, 0),
             max_sequences_per_request=_env_int("TEXTGEN_MAX_SEQUENCES_PER_REQUEST", 64, 1),
             max_logprob_entries=_env_int("TEXTGEN_MAX_LOGPROB_ENTRIES", 1 << 18, 1),
+            max_detokenize_tokens=_env_int("TEXTGEN_MAX_DETOKENIZE_TOKENS", 4096, 1),
             # A quarter of the slots stays for other requests while one request is wide.
             max_slots_per_request=_env_int(
                 "TEXTGEN_MAX_SLOTS_PER_REQUEST", max(1, max_batch_size - max_batch_size // 4), 1

@@ -767,6 +767,14 @@ async def detokenize(request: Request) -> Response:
         frontend: Frontend = request.app.state.frontend
         req = parse(await request.body(), DetokenizeRequest)
         _check_model(req.model, frontend.engine)
+        limit = frontend.engine.settings.max_detokenize_tokens
+        if len(req.tokens) > limit:  # each id decodes to dozens of characters at most
+            raise OpenAIError(
+                400,
+                f"tokens has {len(req.tokens)} ids; the limit is {limit} "
+                "(TEXTGEN_MAX_DETOKENIZE_TOKENS)",
+                "tokens",
+            )
         if req.tokens:
             prompt_ids(frontend.engine, req.tokens, "tokens")  # checks the ids
         return JSONResponse({"prompt": frontend.engine.tokenizer.decode(req.tokens)})
