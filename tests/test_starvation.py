@@ -8,6 +8,7 @@ route's error shape naming the field, the limit, the value and the setting.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ ENTRIES = 100  # the `small` server's logprob entries per request
 
 @pytest.fixture(scope="module")
 def small(model_store, tmp_path_factory) -> Iterator:
-    """A server with a small batch and small per-request bounds."""
+    """A server with a small batch and small per-request bounds, trusting request
+    templates (rendered with the default deadline and memory cap)."""
     home, tag = model_store
     log = tmp_path_factory.mktemp("logs") / "small.log"
     srv = start_server(
@@ -36,6 +38,7 @@ def small(model_store, tmp_path_factory) -> Iterator:
         TEXTGEN_MAX_WAITING="16",
         TEXTGEN_MAX_SEQUENCES_PER_REQUEST=str(SEQUENCES),
         TEXTGEN_MAX_LOGPROB_ENTRIES=str(ENTRIES),
+        TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE="true",
     )
     yield srv
     stop_server(srv)
@@ -182,3 +185,79 @@ def test_a_megabyte_of_ids_to_detokenize_gets_400(server):
     r = httpx.post(f"{server.url}/detokenize", json={"tokens": ids[:4096]}, timeout=60)
     assert r.status_code == 200
     assert r.json()["prompt"] == "<|endoftext|>" * 4096
+
+
+# -- item 1: a trusted request template runs forever -------------------------------------
+
+NESTED_LOOPS = (
+    "{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(10000) %}"
+    "{% endfor %}{% endfor %}{% endfor %}"
+)
+
+
+def chat_body(template: str) -> dict:
+    return {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "chat_template": template,
+    }
+
+
+def renderers(server) -> list[int]:
+    """Pids of template-rendering children still alive in the server's session."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            if b"textgen.chat_sandbox" in cmdline and os.getsid(int(entry)) == server.proc.pid:
+                pids.append(int(entry))
+        except (OSError, ProcessLookupError):
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/tokenize"])
+def test_a_template_that_runs_forever_is_killed_at_its_deadline(small, route):
+    hostile: dict = {}
+
+    def send() -> None:
+        started = time.perf_counter()
+        hostile["r"] = httpx.post(f"{small.url}{route}", json=chat_body(NESTED_LOOPS), timeout=60)
+        hostile["s"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    time.sleep(0.5)  # the template is rendering
+    r = httpx.post(f"{small.url}/v1/completions", json={"prompt": [1], "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+    assert thread.is_alive(), "the template finished before the neighbour"
+    thread.join()
+    assert hostile["r"].status_code == 400
+    assert openai_error(hostile["r"])["param"] == "chat_template"
+    assert openai_error(hostile["r"])["message"] == (
+        "chat_template did not render within 2 s (TEXTGEN_CHAT_TEMPLATE_TIMEOUT_SECONDS)"
+    )
+    assert hostile["s"] < 10
+    assert renderers(small) == []  # killed, not left running
+    assert httpx.get(f"{small.url}/health", timeout=10).status_code == 200
+
+
+def test_a_template_that_allocates_gigabytes_gets_400_naming_the_memory_setting(small):
+    template = "{{ 'a'|center(1500000000) }}"
+    r = httpx.post(f"{small.url}/v1/chat/completions", json=chat_body(template), timeout=60)
+    assert r.status_code == 400
+    assert openai_error(r)["param"] == "chat_template"
+    assert openai_error(r)["message"] == (
+        "chat_template needs more than the 256 MiB a render may take "
+        "(TEXTGEN_CHAT_TEMPLATE_MEMORY_MB)"
+    )
+
+
+def test_a_trusted_request_template_still_renders(small):
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+    r = httpx.post(f"{small.url}/tokenize", json=chat_body(template), timeout=60)
+    assert r.status_code == 200
+    assert r.json()["token_strs"] is None and r.json()["count"] > 0

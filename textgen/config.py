@@ -112,6 +112,8 @@ class Settings:
     max_detokenize_tokens: int = 4096  # token ids one /detokenize request may send
     chat_template: str | None = None  # a Jinja file; None: GPT-2's default (textgen/chat.py)
     trust_request_chat_template: bool = False  # whether a request may send its own template
+    chat_template_timeout_seconds: float = 2.0  # wall time to render a request's template
+    chat_template_memory_mb: int = 256  # address space of the process rendering one
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
     drain_seconds: float = 0.0  # after SIGTERM: /readyz 503 but still serving, then stop
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
@@ -160,6 +162,10 @@ class Settings:
             ),
             chat_template=os.environ.get("TEXTGEN_CHAT_TEMPLATE", "").strip() or None,
             trust_request_chat_template=_env_bool("TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE", False),
+            chat_template_timeout_seconds=_env_float(
+                "TEXTGEN_CHAT_TEMPLATE_TIMEOUT_SECONDS", 2.0, 0.0, 3600.0
+            ),
+            chat_template_memory_mb=_env_int("TEXTGEN_CHAT_TEMPLATE_MEMORY_MB", 256, 64),
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
             drain_seconds=_env_float("TEXTGEN_DRAIN_SECONDS", 0.0, 0.0, 3600.0, or_equal=True),
             body_timeout_seconds=_env_float("TEXTGEN_BODY_TIMEOUT_SECONDS", 30.0, 0.0, 3600.0),

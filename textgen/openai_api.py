@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import functools
 import logging
 import time
 import uuid
@@ -33,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import textgen
-from textgen import jsonbody
+from textgen import chat_sandbox, jsonbody
 from textgen.api import (
     EventStreamResponse,
     check_budget,
@@ -568,27 +567,35 @@ class _ChatCompletion(_Request):
 
 async def render_chat(frontend: Frontend, messages: list[Any], req: Any) -> str:
     """The prompt text of chat messages, through the server's template or, when the server
-    trusts request templates, the request's. A request's template renders off the event
-    loop: it is the client's program."""
+    trusts request templates, the request's. A request's template is the client's program:
+    it renders in a child process with a deadline and a memory cap (`chat_sandbox`)."""
     template = frontend.chat_template
     source = getattr(req, "chat_template", None)
     settings = frontend.engine.settings
+    inputs = [m.as_template_input() for m in messages]
     try:
-        if source is not None:
-            if not settings.trust_request_chat_template:
-                raise ChatTemplateError(
-                    "chat_template is not accepted from requests on this server "
-                    "(TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE is off)"
-                )
-            template = template.with_source(source)
-        render = functools.partial(
-            template.render,
-            [m.as_template_input() for m in messages],
-            add_generation_prompt=req.add_generation_prompt,
-            max_chars=settings.max_prompt_chars,
-            kwargs=req.chat_template_kwargs,
+        if source is None:
+            return template.render(
+                inputs,
+                add_generation_prompt=req.add_generation_prompt,
+                max_chars=settings.max_prompt_chars,
+                kwargs=req.chat_template_kwargs,
+            )
+        if not settings.trust_request_chat_template:
+            raise ChatTemplateError(
+                "chat_template is not accepted from requests on this server "
+                "(TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE is off)"
+            )
+        return await chat_sandbox.render(
+            source,
+            template.special_tokens,
+            inputs,
+            req.add_generation_prompt,
+            settings.max_prompt_chars,
+            req.chat_template_kwargs,
+            timeout_s=settings.chat_template_timeout_seconds,
+            memory_mb=settings.chat_template_memory_mb,
         )
-        return await asyncio.to_thread(render) if source is not None else render()
     except ChatTemplateError as exc:
         raise OpenAIError(400, str(exc), "chat_template") from None
 

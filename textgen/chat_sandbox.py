@@ -1,0 +1,142 @@
+"""A request's own chat template, rendered in a child process with a deadline and a memory cap.
+
+Jinja's sandbox bounds what a template can reach, not how long it runs or how much it
+allocates: three nested `range(10000)` loops run for hours, `'a'|center(1500000000)`
+takes 1.5 GB, and a thread running either cannot be stopped. So a request's template
+(TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE) compiles and renders in a fresh interpreter
+(`python -m textgen.chat_sandbox MEMORY_BYTES CPU_SECONDS`) that caps its own address
+space (RLIMIT_AS) and CPU time (RLIMIT_CPU, a backstop that ends it even if the server
+is gone) before it reads the template; the server kills it at the wall-clock deadline.
+At most MAX_RENDERS run at once; the rest wait their turn. The server's own template
+(TEXTGEN_CHAT_TEMPLATE, trusted) renders in-process, as before.
+
+The child reads one JSON object on stdin and writes one on stdout: {"text"} or
+{"error", "memory"}. The text is at most `max_chars` characters (`ChatTemplate.render`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import resource
+import sys
+import weakref
+from pathlib import Path
+from typing import Any
+
+from textgen.chat import MAX_TEMPLATE_CHARS, ChatTemplate, ChatTemplateError, TemplateMemoryError
+
+MAX_RENDERS = 2  # child processes rendering at once (each may use a core until its deadline)
+_ROOT = Path(__file__).resolve().parent.parent  # the directory holding textgen/
+# MAX_RENDERS turns per event loop (a semaphore belongs to one loop).
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def render(
+    source: str,
+    special_tokens: dict[str, str],
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    max_chars: int,
+    kwargs: dict[str, Any] | None,
+    timeout_s: float,
+    memory_mb: int,
+) -> str:
+    """The prompt text of `source` rendered in a child process; raises ChatTemplateError
+    (the client's 400) for a bad template, past `timeout_s` of wall time (the child is
+    killed) or past `memory_mb` MiB of address space."""
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise ChatTemplateError(
+            f"chat_template has {len(source)} characters; the limit is {MAX_TEMPLATE_CHARS}"
+        )
+    job = json.dumps(
+        {
+            "source": source,
+            "special_tokens": special_tokens,
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+            "max_chars": max_chars,
+            "kwargs": kwargs,
+        },
+        ensure_ascii=False,
+    ).encode()
+    turns = _turns.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(MAX_RENDERS))
+    async with turns:
+        out, code = await _run(job, timeout_s, memory_mb)
+    try:
+        answer = json.loads(out)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):  # it died without answering (a signal, an abort)
+        raise ChatTemplateError(
+            f"chat_template rendering ended without an answer (exit status {code}); it may "
+            f"need more than {memory_mb} MiB (TEXTGEN_CHAT_TEMPLATE_MEMORY_MB)"
+        )
+    if answer.get("memory"):
+        raise ChatTemplateError(
+            f"chat_template needs more than the {memory_mb} MiB a render may take "
+            "(TEXTGEN_CHAT_TEMPLATE_MEMORY_MB)"
+        )
+    if "error" in answer:
+        raise ChatTemplateError(str(answer["error"]))
+    return str(answer["text"])
+
+
+async def _run(job: bytes, timeout_s: float, memory_mb: int) -> tuple[bytes, int | None]:
+    """Runs one child on `job`; returns (its stdout, its exit status). Kills it at the
+    deadline (ChatTemplateError) and whenever the caller is cancelled."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-X",
+        "utf8",
+        "-m",
+        "textgen.chat_sandbox",
+        str(memory_mb << 20),
+        str(math.ceil(timeout_s) + 1),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=_ROOT,
+        env={},  # nothing of the server's environment (its API key) reaches a template
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(job), timeout_s)
+    except TimeoutError:
+        raise ChatTemplateError(
+            f"chat_template did not render within {timeout_s:g} s "
+            "(TEXTGEN_CHAT_TEMPLATE_TIMEOUT_SECONDS)"
+        ) from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return out, proc.returncode
+
+
+def main(memory_bytes: int, cpu_seconds: int) -> None:
+    """The child: caps itself, renders the job on stdin, answers on stdout."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+    job = json.loads(sys.stdin.buffer.read())
+    try:
+        tokens = job["special_tokens"]
+        template = ChatTemplate(job["source"], tokens["eos_token"], tokens["bos_token"])
+        text = template.render(
+            job["messages"],
+            add_generation_prompt=job["add_generation_prompt"],
+            max_chars=job["max_chars"],
+            kwargs=job["kwargs"],
+        )
+        answer: dict[str, Any] = {"text": text}
+    except TemplateMemoryError as exc:
+        answer = {"error": str(exc), "memory": True}
+    except ChatTemplateError as exc:
+        answer = {"error": str(exc)}
+    sys.stdout.buffer.write(json.dumps(answer, ensure_ascii=False).encode())
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))
