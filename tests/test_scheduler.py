@@ -247,3 +247,10 @@ def test_one_request_alone_still_fills_every_slot_by_default():
     seqs = [seq() for _ in range(4)]
     s.submit(seqs)
     assert s.admit()[0] == seqs
+
+
+def test_sequences_submitted_as_separate_requests_each_get_their_share():
+    s = Scheduler(max_batch_size=2, max_waiting=10, max_slots_per_request=1)
+    a, b = seq(), seq()
+    s.submit([a, b], one_request=False)
+    assert s.admit()[0] == [a, b]

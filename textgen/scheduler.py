@@ -234,9 +234,12 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, seqs: list[Sequence], beyond_limit: bool = False) -> None:
-        """Queues sequences for admission, all or none; `beyond_limit` (the engine's own
-        warm-up) ignores the waiting limit."""
+    def submit(
+        self, seqs: list[Sequence], beyond_limit: bool = False, one_request: bool = True
+    ) -> None:
+        """Queues sequences for admission, all or none, as one request (a group) unless
+        `one_request` is False (each its own). `beyond_limit` (the engine's own warm-up)
+        ignores the waiting limit."""
         with self._lock:
             if self._closed is not None:
                 raise Closed(self._closed)
@@ -249,7 +252,7 @@ class Scheduler:
                 )
             group = next(_groups)
             for seq in seqs:
-                seq.group = group
+                seq.group = group if one_request else next(_groups)
             self._waiting.extend(seqs)
             self._work.notify()
 
