@@ -5,8 +5,8 @@ allocates: three nested `range(10000)` loops run for hours, `'a'|center(15000000
 takes 1.5 GB, and a thread running either cannot be stopped. So a request's template
 (TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE) compiles and renders in a fresh interpreter
 (`python -m textgen.chat_sandbox MEMORY_BYTES CPU_SECONDS`) that caps its own address
-space (RLIMIT_AS) and CPU time (RLIMIT_CPU, a backstop that ends it even if the server
-is gone) before it reads the template; the server kills it at the wall-clock deadline.
+space (RLIMIT_AS) and CPU time (RLIMIT_CPU, a backstop that ends a busy one even if the
+server is gone) before it reads the template; the server kills it at the wall-clock deadline.
 At most MAX_RENDERS run at once; the rest wait their turn. The server's own template
 (TEXTGEN_CHAT_TEMPLATE, trusted) renders in-process, as before.
 

@@ -187,8 +187,8 @@ def _check_n(engine: Engine, n: int) -> None:
 
 
 def _check_sequences(engine: Engine, count: int, field_: str, what: str) -> None:
-    """Bounds the sequences one request queues (`what` says how `count` was made), well
-    below what the server holds, so one request cannot fill the queue."""
+    """Bounds the sequences one request queues (`what` says how `count` was made); the
+    default bound is well below what the queue holds, so one request cannot fill it."""
     limit = engine.settings.max_sequences_per_request
     if count > limit:
         raise OpenAIError(
