@@ -97,14 +97,6 @@ class ChatTemplate:
         """The names the template may read besides messages: eos_token, bos_token."""
         return dict(self._tokens)
 
-    def with_source(self, source: str) -> ChatTemplate:
-        """A request's own template, with this one's special tokens."""
-        if len(source) > MAX_TEMPLATE_CHARS:
-            raise ChatTemplateError(
-                f"chat_template has {len(source)} characters; the limit is {MAX_TEMPLATE_CHARS}"
-            )
-        return ChatTemplate(source, self._tokens["eos_token"], self._tokens["bos_token"])
-
     def render(
         self,
         messages: list[dict[str, Any]],
