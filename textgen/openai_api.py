@@ -669,9 +669,25 @@ async def _generate(
         # Off the event loop: a scoring response holds up to TEXTGEN_MAX_LOGPROB_ENTRIES
         # entries, and building and encoding it there would hold up every other request
         # and the health probes meanwhile.
-        return await asyncio.to_thread(lambda: JSONResponse(work.body(), headers=headers))
+        return await asyncio.to_thread(
+            lambda: _ChoicewiseJSONResponse(work.body(), headers=headers)
+        )
 
     return await _answer(handle)
+
+
+class _ChoicewiseJSONResponse(JSONResponse):
+    """JSONResponse's bytes, its `choices` encoded one at a time: json's C encoder holds
+    the GIL for a whole call, so a single call over a large body would stop the event
+    loop's thread however it was started; between choices that thread may run."""
+
+    def render(self, content: Any) -> bytes:
+        choices = content.get("choices") if isinstance(content, dict) else None
+        if not isinstance(choices, list) or not choices:
+            return super().render(content)
+        head = super().render({**content, "choices": []})  # no client text outside choices
+        parts = b",".join(JSONResponse.render(self, c) for c in choices)
+        return head.replace(b'"choices":[]', b'"choices":[' + parts + b"]", 1)
 
 
 def _header_safe(text: str, limit: int = 1024) -> str:
