@@ -1,8 +1,9 @@
 """One client must not starve the others, through a real `bentoml serve` (issue 23, items
 1, 2, 3, 7).
 
-Each test first sends what the issue reported; past a bound the answer is a 4xx in the
-route's error shape naming the field, the limit, the value and the setting.
+The tests send what the issue reported (or its shape, where an earlier bound now refuses
+it); past a bound the answer is a 4xx in the route's error shape naming the field, the
+limit, the value and the setting.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def test_a_2_token_request_beside_a_wide_one_finishes_long_before_it(small):
 
 def test_a_scoring_request_past_the_logprob_entries_gets_400_before_it_runs(server):
     # The issue's shape (its 256 prompts are past TEXTGEN_MAX_SEQUENCES_PER_REQUEST now):
-    # 64 prompts x 1023 ids echoed with 20 alternatives each, a ~100 MB response.
+    # 64 prompts x 1023 ids echoed with 20 alternatives each: 1.4 million entries.
     body = {"prompt": [[1] * 1023] * 64, "echo": True, "logprobs": 20, "max_tokens": 0}
     started = time.perf_counter()
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
@@ -173,7 +174,7 @@ def test_chat_top_logprobs_count_against_the_same_bound(small):
 
 
 def test_a_megabyte_of_ids_to_detokenize_gets_400(server):
-    ids = [50256] * 174_000  # "<|endoftext|>" each: the issue's 21 MB answer
+    ids = [50256] * 174_000  # "<|endoftext|>" each: the issue's megabyte of ids
     content = json.dumps({"tokens": ids}, separators=(",", ":"))
     assert len(content) < 1 << 20  # under the body limit: it reaches the route
     r = httpx.post(f"{server.url}/detokenize", content=content, headers=JSON, timeout=60)
