@@ -262,3 +262,37 @@ def test_a_trusted_request_template_still_renders(small):
     r = httpx.post(f"{small.url}/tokenize", json=chat_body(template), timeout=60)
     assert r.status_code == 200
     assert r.json()["token_strs"] is None and r.json()["count"] > 0
+
+
+def post_ascii(url: str, body: dict) -> httpx.Response:
+    """`body` as ASCII JSON: a lone surrogate travels as its escape, as a client may send it."""
+    return httpx.post(url, content=json.dumps(body), headers=JSON, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"messages": [{"role": "user", "content": "\ud800"}]},
+        {"messages": [{"role": "user", "content": "Hi", "name": "\ud800"}]},
+        {"chat_template_kwargs": {"x": "\ud800"}},
+    ],
+    ids=["content", "message-field", "kwargs"],
+)
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/tokenize"])
+def test_a_lone_surrogate_reaches_a_request_template_as_it_does_the_servers(small, route, extra):
+    # The request's template prints each message's content, as the server's does: the
+    # same answer (a 400 naming messages where the prompt itself holds the surrogate).
+    body = {**chat_body("{% for m in messages %}{{ m.content }}{% endfor %}"), **extra}
+    r = post_ascii(f"{small.url}{route}", body)
+    del body["chat_template"]
+    servers = post_ascii(f"{small.url}{route}", body)
+    assert r.status_code == servers.status_code, r.text[:300]
+    if r.status_code != 200:
+        assert openai_error(r) == openai_error(servers)
+
+
+def test_a_template_printing_a_lone_surrogate_is_not_called_a_memory_overrun(small):
+    r = post_ascii(f"{small.url}/tokenize", chat_body("{{ '\\ud800' }}"))
+    assert r.status_code in (200, 400), r.text[:300]
+    if r.status_code == 400:
+        assert "MiB" not in openai_error(r)["message"], r.text[:300]

@@ -20,6 +20,7 @@ import asyncio
 import json
 import math
 import resource
+import signal
 import sys
 import weakref
 from pathlib import Path
@@ -61,7 +62,7 @@ async def render(
             "max_chars": max_chars,
             "kwargs": kwargs,
         },
-        ensure_ascii=False,
+        ensure_ascii=True,  # ASCII both ways: a lone surrogate travels as its escape
     ).encode()
     turns = _turns.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(MAX_RENDERS))
     async with turns:
@@ -71,10 +72,7 @@ async def render(
     except ValueError:
         answer = None
     if not isinstance(answer, dict):  # it died without answering (a signal, an abort)
-        raise ChatTemplateError(
-            f"chat_template rendering ended without an answer (exit status {code}); it may "
-            f"need more than {memory_mb} MiB (TEXTGEN_CHAT_TEMPLATE_MEMORY_MB)"
-        )
+        raise ChatTemplateError(f"chat_template rendering ended without an answer ({_exit(code)})")
     if answer.get("memory"):
         raise ChatTemplateError(
             f"chat_template needs more than the {memory_mb} MiB a render may take "
@@ -83,6 +81,16 @@ async def render(
     if "error" in answer:
         raise ChatTemplateError(str(answer["error"]))
     return str(answer["text"])
+
+
+def _exit(code: int | None) -> str:
+    """How the child ended, in words."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 async def _run(job: bytes, timeout_s: float, memory_mb: int) -> tuple[bytes, int | None]:
@@ -120,8 +128,8 @@ def main(memory_bytes: int, cpu_seconds: int) -> None:
     """The child: caps itself, renders the job on stdin, answers on stdout."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-    job = json.loads(sys.stdin.buffer.read())
     try:
+        job = json.loads(sys.stdin.buffer.read())
         tokens = job["special_tokens"]
         template = ChatTemplate(job["source"], tokens["eos_token"], tokens["bos_token"])
         text = template.render(
@@ -135,7 +143,11 @@ def main(memory_bytes: int, cpu_seconds: int) -> None:
         answer = {"error": str(exc), "memory": True}
     except ChatTemplateError as exc:
         answer = {"error": str(exc)}
-    sys.stdout.buffer.write(json.dumps(answer, ensure_ascii=False).encode())
+    except MemoryError:  # outside the template's own run (reading the job, say)
+        answer = {"error": "chat_template rendering ran out of memory", "memory": True}
+    except Exception as exc:  # the child's own failure, reported as what it is
+        answer = {"error": f"chat_template rendering failed: {type(exc).__name__}: {exc}"}
+    sys.stdout.buffer.write(json.dumps(answer, ensure_ascii=True).encode())
 
 
 if __name__ == "__main__":
