@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import KEY, start_server, stop_server
 
 JSON = {"content-type": "application/json"}
 SLOTS = 4  # the `small` server's batch: 3 slots for one request, 1 for the others
@@ -119,6 +119,20 @@ def test_a_2_token_request_beside_a_wide_one_finishes_long_before_it(small):
     assert wide["r"].status_code == 200
     assert len(wide["r"].json()["choices"]) == SEQUENCES
     assert short_s < wide["s"] / 4, (short_s, wide["s"])
+
+
+def test_a_request_the_queue_can_never_hold_gets_400_not_429(guarded):
+    # `guarded` queues 2 sequences beside its 2 slots; 5 are within the per-request
+    # limit (64) but can never be queued, so a retry would never succeed.
+    body = {"prompt": [[1]] * 5, "max_tokens": 1}
+    headers = {"authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{guarded.url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert openai_error(r)["param"] == "prompt"
+    assert openai_error(r)["message"] == (
+        "this request makes 5 sequences (5 prompts x n 1); the server queues at most 4 "
+        "(TEXTGEN_MAX_WAITING 2 + TEXTGEN_MAX_BATCH_SIZE 2)"
+    )
 
 
 # -- item 3: scoring amplifies ------------------------------------------------------------

@@ -187,14 +187,25 @@ def _check_n(engine: Engine, n: int) -> None:
 
 
 def _check_sequences(engine: Engine, count: int, field_: str, what: str) -> None:
-    """Bounds the sequences one request queues (`what` says how `count` was made); the
-    default bound is well below what the queue holds, so one request cannot fill it."""
-    limit = engine.settings.max_sequences_per_request
+    """Bounds the sequences one request queues (`what` says how `count` was made): by
+    TEXTGEN_MAX_SEQUENCES_PER_REQUEST, and by what the queue can ever hold (waiting plus
+    running), past which a retry could never succeed: a 400 either way, never a 429."""
+    s = engine.settings
+    limit = s.max_sequences_per_request
     if count > limit:
         raise OpenAIError(
             400,
             f"this request makes {count} sequences ({what}); the limit is {limit} "
             f"(TEXTGEN_MAX_SEQUENCES_PER_REQUEST)",
+            field_,
+        )
+    room = s.max_waiting + s.max_batch_size
+    if count > room:
+        raise OpenAIError(
+            400,
+            f"this request makes {count} sequences ({what}); the server queues at most "
+            f"{room} (TEXTGEN_MAX_WAITING {s.max_waiting} + TEXTGEN_MAX_BATCH_SIZE "
+            f"{s.max_batch_size})",
             field_,
         )
 
