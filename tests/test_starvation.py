@@ -310,3 +310,51 @@ def test_a_template_printing_a_lone_surrogate_is_not_called_a_memory_overrun(sma
     assert r.status_code in (200, 400), r.text[:300]
     if r.status_code == 400:
         assert "MiB" not in openai_error(r)["message"], r.text[:300]
+
+
+RENDERS, WAITING_RENDERS = 2, 8  # chat_sandbox.MAX_RENDERS, MAX_WAITING_RENDERS
+
+
+def test_renders_past_the_waiting_bound_get_429_and_the_wait_counts_in_the_deadline(small):
+    results: list[tuple[int, float]] = []
+
+    def send() -> None:
+        started = time.perf_counter()
+        r = httpx.post(f"{small.url}/v1/chat/completions", json=chat_body(NESTED_LOOPS), timeout=60)
+        results.append((r.status_code, time.perf_counter() - started))
+
+    threads = [threading.Thread(target=send) for _ in range(RENDERS + WAITING_RENDERS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # two render, eight wait
+    r = httpx.post(f"{small.url}/tokenize", json=chat_body("{{ 'hi' }}"), timeout=60)
+    assert r.status_code == 429, r.text[:300]
+    assert r.headers["retry-after"] == "1"
+    assert openai_error(r)["message"] == (
+        f"{WAITING_RENDERS} chat_template renders are waiting for a turn (limit "
+        f"{WAITING_RENDERS}; {RENDERS} render at once); retry later"
+    )
+    for thread in threads:
+        thread.join()
+    # Each one's deadline (2 s) counts its wait: none is answered seconds later.
+    assert all(status in (400, 429) for status, _ in results), results
+    assert max(seconds for _, seconds in results) < 4, results
+    assert renderers(small) == []
+
+
+def test_renders_whose_clients_left_are_killed_and_free_their_turns(small):
+    def abandon() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{small.url}/tokenize", json=chat_body(NESTED_LOOPS), timeout=0.5)
+
+    threads = [threading.Thread(target=abandon) for _ in range(2 * RENDERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    time.sleep(1.0)  # the server notices each client left (it polls every 0.5 s)
+    assert renderers(small) == []  # killed, not left running
+    started = time.perf_counter()
+    r = httpx.post(f"{small.url}/tokenize", json=chat_body("{{ 'hi' }}"), timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    assert time.perf_counter() - started < 1.0  # no abandoned render holds its turn

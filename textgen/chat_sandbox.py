@@ -7,7 +7,10 @@ takes 1.5 GB, and a thread running either cannot be stopped. So a request's temp
 (`python -m textgen.chat_sandbox MEMORY_BYTES CPU_SECONDS`) that caps its own address
 space (RLIMIT_AS) and CPU time (RLIMIT_CPU, a backstop that ends a busy one even if the
 server is gone) before it reads the template; the server kills it at the wall-clock deadline.
-At most MAX_RENDERS run at once; the rest wait their turn. The server's own template
+At most MAX_RENDERS run at once; at most MAX_WAITING_RENDERS more wait their turn, and
+past that a request gets RenderersBusy (a 429). The deadline counts from the request's
+arrival, its wait for a turn included; a caller that is cancelled (its client left) kills
+its child or leaves the queue. The server's own template
 (TEXTGEN_CHAT_TEMPLATE, trusted) renders in-process, as before.
 
 The child reads one JSON object on stdin and writes one on stdout: {"text"} or
@@ -29,11 +32,25 @@ from typing import Any
 from textgen.chat import MAX_TEMPLATE_CHARS, ChatTemplate, ChatTemplateError, TemplateMemoryError
 
 MAX_RENDERS = 2  # child processes rendering at once (each may use a core until its deadline)
+MAX_WAITING_RENDERS = 8  # renders waiting for a turn; past it, RenderersBusy
 _ROOT = Path(__file__).resolve().parent.parent  # the directory holding textgen/
-# MAX_RENDERS turns per event loop (a semaphore belongs to one loop).
-_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
+
+
+class RenderersBusy(Exception):
+    """No turn to render now (the client's 429, worth a retry): MAX_WAITING_RENDERS
+    renders wait already, or none came within the deadline."""
+
+
+class _Turns:
+    """MAX_RENDERS turns and the count of renders waiting for one."""
+
+    def __init__(self) -> None:
+        self.free = asyncio.Semaphore(MAX_RENDERS)
+        self.waiting = 0
+
+
+# Turns per event loop (a semaphore belongs to one loop).
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turns] = weakref.WeakKeyDictionary()
 
 
 async def render(
@@ -64,9 +81,29 @@ async def render(
         },
         ensure_ascii=True,  # ASCII both ways: a lone surrogate travels as its escape
     ).encode()
-    turns = _turns.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(MAX_RENDERS))
-    async with turns:
-        out, code = await _run(job, timeout_s, memory_mb)
+    loop = asyncio.get_running_loop()
+    turns = _turns.get(loop) or _turns.setdefault(loop, _Turns())
+    if turns.free.locked() and turns.waiting >= MAX_WAITING_RENDERS:
+        raise RenderersBusy(
+            f"{turns.waiting} chat_template renders are waiting for a turn (limit "
+            f"{MAX_WAITING_RENDERS}; {MAX_RENDERS} render at once)"
+        )
+    arrived = loop.time()
+    turns.waiting += 1
+    try:
+        await asyncio.wait_for(turns.free.acquire(), timeout_s)
+    except TimeoutError:
+        raise RenderersBusy(
+            f"no turn to render chat_template came within {timeout_s:g} s "
+            f"(TEXTGEN_CHAT_TEMPLATE_TIMEOUT_SECONDS counts the wait; {MAX_RENDERS} render "
+            "at once)"
+        ) from None
+    finally:
+        turns.waiting -= 1
+    try:
+        out, code = await _run(job, timeout_s, loop.time() - arrived, memory_mb)
+    finally:
+        turns.free.release()
     try:
         answer = json.loads(out)
     except ValueError:
@@ -93,9 +130,12 @@ def _exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
-async def _run(job: bytes, timeout_s: float, memory_mb: int) -> tuple[bytes, int | None]:
+async def _run(
+    job: bytes, timeout_s: float, waited_s: float, memory_mb: int
+) -> tuple[bytes, int | None]:
     """Runs one child on `job`; returns (its stdout, its exit status). Kills it at the
-    deadline (ChatTemplateError) and whenever the caller is cancelled."""
+    deadline, `timeout_s` less the `waited_s` already spent waiting for a turn
+    (ChatTemplateError), and whenever the caller is cancelled."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-X",
@@ -111,11 +151,12 @@ async def _run(job: bytes, timeout_s: float, memory_mb: int) -> tuple[bytes, int
         env={},  # nothing of the server's environment (its API key) reaches a template
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(job), timeout_s)
+        out, _ = await asyncio.wait_for(proc.communicate(job), max(0.0, timeout_s - waited_s))
     except TimeoutError:
+        wait = f", {waited_s:.1f} s of them waiting for a turn" if waited_s >= 0.05 else ""
         raise ChatTemplateError(
             f"chat_template did not render within {timeout_s:g} s "
-            "(TEXTGEN_CHAT_TEMPLATE_TIMEOUT_SECONDS)"
+            f"(TEXTGEN_CHAT_TEMPLATE_TIMEOUT_SECONDS){wait}"
         ) from None
     finally:
         if proc.returncode is None:

@@ -576,7 +576,7 @@ class _ChatCompletion(_Request):
             yield sse(self.chunk([], usage=self.usage()))
 
 
-async def render_chat(frontend: Frontend, messages: list[Any], req: Any) -> str:
+async def render_chat(frontend: Frontend, messages: list[Any], req: Any, request: Request) -> str:
     """The prompt text of chat messages, through the server's template or, when the server
     trusts request templates, the request's. A request's template is the client's program:
     it renders in a child process with a deadline and a memory cap (`chat_sandbox`)."""
@@ -597,7 +597,7 @@ async def render_chat(frontend: Frontend, messages: list[Any], req: Any) -> str:
                 "chat_template is not accepted from requests on this server "
                 "(TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE is off)"
             )
-        return await chat_sandbox.render(
+        rendering = chat_sandbox.render(
             source,
             template.special_tokens,
             inputs,
@@ -607,8 +607,16 @@ async def render_chat(frontend: Frontend, messages: list[Any], req: Any) -> str:
             timeout_s=settings.chat_template_timeout_seconds,
             memory_mb=settings.chat_template_memory_mb,
         )
+        text = await until_disconnected(request, rendering)  # gone: its child is killed
     except ChatTemplateError as exc:
         raise OpenAIError(400, str(exc), "chat_template") from None
+    except chat_sandbox.RenderersBusy as exc:
+        raise OpenAIError(
+            429, f"{exc}; retry later", type_="rate_limit_error", code="rate_limit_exceeded"
+        ) from None
+    if text is None:
+        raise OpenAIError(499, "the client went away")
+    return text
 
 
 # -- routes -----------------------------------------------------------------------
@@ -635,11 +643,13 @@ async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
         ).response()
 
 
-async def _completion(req: CompletionRequest, frontend: Frontend) -> _Request:
+async def _completion(req: CompletionRequest, frontend: Frontend, request: Request) -> _Request:
     return _Completion(req, frontend)
 
 
-async def _chat_completion(req: ChatCompletionRequest, frontend: Frontend) -> _Request:
+async def _chat_completion(
+    req: ChatCompletionRequest, frontend: Frontend, request: Request
+) -> _Request:
     _check_n(frontend.engine, req.n)
     _check_sequences(frontend.engine, req.n, "n", f"n {req.n}")
     if req.top_logprobs is not None:
@@ -652,11 +662,14 @@ async def _chat_completion(req: ChatCompletionRequest, frontend: Frontend) -> _R
                 f"top_logprobs must be <= {limit} (TEXTGEN_MAX_LOGPROBS), got {req.top_logprobs}",
                 "top_logprobs",
             )
-    return _ChatCompletion(req, frontend, await render_chat(frontend, req.messages, req))
+    prompt = await render_chat(frontend, req.messages, req, request)
+    return _ChatCompletion(req, frontend, prompt)
 
 
 async def _generate(
-    request: Request, schema: type[Any], build: Callable[[Any, Frontend], Awaitable[_Request]]
+    request: Request,
+    schema: type[Any],
+    build: Callable[[Any, Frontend, Request], Awaitable[_Request]],
 ) -> Response:
     async def handle() -> Response:
         frontend: Frontend = request.app.state.frontend
@@ -667,7 +680,7 @@ async def _generate(
             ignored = _header_safe(", ".join(req.ignored_fields))
             logger.warning("%s: ignored unknown fields: %s", request.url.path, ignored)
             headers[IGNORED_FIELDS_HEADER] = ignored
-        work = await build(req, frontend)
+        work = await build(req, frontend, request)
         events = frontend.engine.stream(work.seqs, request.url.path)
         if req.stream:
             return EventStreamResponse(_sse_stream(work, events), events, headers=headers)
@@ -781,7 +794,7 @@ async def tokenize(request: Request) -> Response:
             raise OpenAIError(400, "send exactly one of prompt and messages", "prompt")
         text = req.prompt
         if req.messages is not None:
-            text = await render_chat(frontend, req.messages, req)
+            text = await render_chat(frontend, req.messages, req, request)
         ids = prompt_ids(frontend.engine, text, "prompt") if text else []
         body: dict[str, Any] = {
             "count": len(ids),
