@@ -358,3 +358,12 @@ def test_renders_whose_clients_left_are_killed_and_free_their_turns(small):
     r = httpx.post(f"{small.url}/tokenize", json=chat_body("{{ 'hi' }}"), timeout=60)
     assert r.status_code == 200, r.text[:300]
     assert time.perf_counter() - started < 1.0  # no abandoned render holds its turn
+
+
+def test_a_huge_raise_exception_message_is_cut_short(small):
+    template = "{{ raise_exception('a'|center(55000000)) }}"
+    r = httpx.post(f"{small.url}/v1/chat/completions", json=chat_body(template), timeout=60)
+    assert r.status_code == 400
+    assert len(r.content) < 4000, len(r.content)
+    assert openai_error(r)["param"] == "chat_template"
+    assert openai_error(r)["message"].endswith("... (cut at 1000 characters)")

@@ -13,8 +13,10 @@ arrival, its wait for a turn included; a caller that is cancelled (its client le
 its child or leaves the queue. The server's own template
 (TEXTGEN_CHAT_TEMPLATE, trusted) renders in-process, as before.
 
-The child reads one JSON object on stdin and writes one on stdout: {"text"} or
-{"error", "memory"}. The text is at most `max_chars` characters (`ChatTemplate.render`).
+The child reads one JSON object on stdin and writes one on stdout, in ASCII: {"text"} or
+{"error", "memory"}. The text is at most `max_chars` characters (`ChatTemplate.render`), an
+error at most MAX_ERROR_CHARS; the server reads at most `_answer_limit(max_chars)` bytes
+of it, and past that the answer is a 400.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from textgen.chat import MAX_TEMPLATE_CHARS, ChatTemplate, ChatTemplateError, Te
 
 MAX_RENDERS = 2  # child processes rendering at once (each may use a core until its deadline)
 MAX_WAITING_RENDERS = 8  # renders waiting for a turn; past it, RenderersBusy
+MAX_ERROR_CHARS = 1000  # of an error's text the child sends (a template chooses its message)
 _ROOT = Path(__file__).resolve().parent.parent  # the directory holding textgen/
 
 
@@ -101,7 +104,8 @@ async def render(
     finally:
         turns.waiting -= 1
     try:
-        out, code = await _run(job, timeout_s, loop.time() - arrived, memory_mb)
+        limit = _answer_limit(max_chars)
+        out, code = await _run(job, timeout_s, loop.time() - arrived, memory_mb, limit)
     finally:
         turns.free.release()
     try:
@@ -130,12 +134,43 @@ def _exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
+def _answer_limit(max_chars: int) -> int:
+    """Bytes of the child's answer the server reads: ASCII JSON spells a character in at
+    most 6 bytes (a \\uXXXX escape), plus room for the keys and a cut error text."""
+    return 6 * (max_chars + MAX_ERROR_CHARS) + 4096
+
+
+class _TooLong(Exception):
+    pass
+
+
+async def _read(proc: asyncio.subprocess.Process, job: bytes, limit: int) -> bytes:
+    """Sends `job` to the child and reads its stdout to the end, at most `limit` bytes
+    (_TooLong past it). The child reads all its input before it writes."""
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(job)
+        await proc.stdin.drain()
+        proc.stdin.close()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # it ended before reading everything: it answers or not, as it ended
+    chunks, size = [], 0
+    while chunk := await proc.stdout.read(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise _TooLong
+        chunks.append(chunk)
+    await proc.wait()
+    return b"".join(chunks)
+
+
 async def _run(
-    job: bytes, timeout_s: float, waited_s: float, memory_mb: int
+    job: bytes, timeout_s: float, waited_s: float, memory_mb: int, limit: int
 ) -> tuple[bytes, int | None]:
     """Runs one child on `job`; returns (its stdout, its exit status). Kills it at the
     deadline, `timeout_s` less the `waited_s` already spent waiting for a turn
-    (ChatTemplateError), and whenever the caller is cancelled."""
+    (ChatTemplateError), past `limit` bytes of output (ChatTemplateError), and whenever
+    the caller is cancelled."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-X",
@@ -151,7 +186,12 @@ async def _run(
         env={},  # nothing of the server's environment (its API key) reaches a template
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(job), max(0.0, timeout_s - waited_s))
+        out = await asyncio.wait_for(_read(proc, job, limit), max(0.0, timeout_s - waited_s))
+    except _TooLong:
+        raise ChatTemplateError(
+            f"chat_template rendering answered more than {limit} bytes, the most a "
+            "TEXTGEN_MAX_PROMPT_CHARS-long prompt takes"
+        ) from None
     except TimeoutError:
         wait = f", {waited_s:.1f} s of them waiting for a turn" if waited_s >= 0.05 else ""
         raise ChatTemplateError(
@@ -163,6 +203,12 @@ async def _run(
             proc.kill()
             await proc.wait()
     return out, proc.returncode
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return f"{text[:MAX_ERROR_CHARS]}... (cut at {MAX_ERROR_CHARS} characters)"
 
 
 def main(memory_bytes: int, cpu_seconds: int) -> None:
@@ -183,11 +229,11 @@ def main(memory_bytes: int, cpu_seconds: int) -> None:
     except TemplateMemoryError as exc:
         answer = {"error": str(exc), "memory": True}
     except ChatTemplateError as exc:
-        answer = {"error": str(exc)}
+        answer = {"error": _cut(str(exc))}
     except MemoryError:  # outside the template's own run (reading the job, say)
         answer = {"error": "chat_template rendering ran out of memory", "memory": True}
     except Exception as exc:  # the child's own failure, reported as what it is
-        answer = {"error": f"chat_template rendering failed: {type(exc).__name__}: {exc}"}
+        answer = {"error": _cut(f"chat_template rendering failed: {type(exc).__name__}: {exc}")}
     sys.stdout.buffer.write(json.dumps(answer, ensure_ascii=True).encode())
 
 
