@@ -218,18 +218,35 @@ def chat_body(template: str) -> dict:
     }
 
 
-def renderers(server) -> list[int]:
-    """Pids of template-rendering children still alive in the server's session."""
-    pids = []
+def descendants(pid: int) -> set[int]:
+    """Pids of `pid`'s children, theirs, and so on, from /proc (BentoML's worker runs in a
+    session of its own, so a session id would not find them)."""
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            if b"textgen.chat_sandbox" in cmdline and os.getsid(int(entry)) == server.proc.pid:
-                pids.append(int(entry))
-        except (OSError, ProcessLookupError):
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)"
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def renderers(server) -> list[int]:
+    """Pids of template-rendering children still alive under the server."""
+    pids = []
+    for pid in descendants(server.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"textgen.chat_sandbox" in f.read():
+                    pids.append(pid)
+        except OSError:
             continue
     return pids
 
@@ -246,6 +263,7 @@ def test_a_template_that_runs_forever_is_killed_at_its_deadline(small, route):
     thread = threading.Thread(target=send)
     thread.start()
     time.sleep(0.5)  # the template is rendering
+    assert len(renderers(small)) == 1  # `renderers` sees a render while it runs
     r = httpx.post(f"{small.url}/v1/completions", json={"prompt": [1], "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
     assert thread.is_alive(), "the template finished before the neighbour"
