@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import make_engine
 from textgen.params import SamplingParams
 from textgen.scheduler import (
     Closed,
@@ -254,3 +255,15 @@ def test_sequences_submitted_as_separate_requests_each_get_their_share():
     a, b = seq(), seq()
     s.submit([a, b], one_request=False)
     assert s.admit()[0] == [a, b]
+
+
+@pytest.mark.parametrize(("batch", "slots"), [(1, 1), (3, 3), (4, 3), (8, 6), (32, 24)])
+def test_the_default_slot_share_follows_the_batch_size(tiny_model, tokenizer, batch, slots):
+    # The engine's scheduler gets the share computed from its own batch, wherever its
+    # settings came from (make_engine sets no share).
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=batch)
+    try:
+        assert eng.settings.max_slots_per_request == slots
+        assert eng.scheduler.max_slots_per_request == slots
+    finally:
+        eng.shutdown()
