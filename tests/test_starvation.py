@@ -184,6 +184,31 @@ def test_chat_top_logprobs_count_against_the_same_bound(small):
     )
 
 
+def test_chat_logprobs_without_top_logprobs_names_only_what_the_client_sent(small):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "max_tokens": 101}
+    r = httpx.post(f"{small.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400
+    assert openai_error(r)["param"] == "logprobs"
+    assert openai_error(r)["message"] == (
+        "this request asks for 101 logprob entries ((echoed prompt tokens + new tokens) x "
+        "(1, logprobs true), summed over its sequences); the limit is 100 "
+        "(TEXTGEN_MAX_LOGPROB_ENTRIES)"
+    )
+
+
+def test_completion_logprob_entries_say_that_best_of_sequences_count(small):
+    # 6 new tokens x (logprobs 4 + 1) x best_of 4 = 120; n 1 returns 30 of them.
+    body = {"prompt": [1], "best_of": 4, "logprobs": 4, "max_tokens": 6}
+    r = httpx.post(f"{small.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400
+    assert openai_error(r)["param"] == "logprobs"
+    assert openai_error(r)["message"] == (
+        "this request asks for 120 logprob entries ((echoed prompt tokens + new tokens) x "
+        "(logprobs 4 + 1), summed over its sequences: best_of 4 per prompt, of which n 1 "
+        "return); the limit is 100 (TEXTGEN_MAX_LOGPROB_ENTRIES)"
+    )
+
+
 # -- item 7: /detokenize amplifies ---------------------------------------------------------
 
 

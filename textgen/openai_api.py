@@ -215,9 +215,20 @@ class _LogprobEntries:
     chosen token and its alternatives: (echoed prompt tokens + new tokens) x (logprobs + 1)
     per sequence. `check`: past TEXTGEN_MAX_LOGPROB_ENTRIES, a 400 before anything runs."""
 
-    def __init__(self, engine: Engine, logprobs: int | None, field_: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        logprobs: int | None,
+        field_: str,
+        per_position: str | None = None,
+        sequences: str = "",
+    ) -> None:
+        """`per_position` says what (logprobs + 1) counts, by default `field_` and its
+        value; `sequences`, after "summed over its sequences", which sequences count."""
         self.limit = engine.settings.max_logprob_entries
         self.logprobs, self.field = logprobs, field_
+        self.per_position = per_position or f"{field_} {logprobs} + 1"
+        self.sequences = sequences
         self.total = 0
 
     def add(self, positions: int, sequences: int = 1) -> None:
@@ -229,8 +240,8 @@ class _LogprobEntries:
             raise OpenAIError(
                 400,
                 f"this request asks for {self.total} logprob entries ((echoed prompt tokens + "
-                f"new tokens) x ({self.field} {self.logprobs} + 1), summed over its "
-                f"sequences); the limit is {self.limit} (TEXTGEN_MAX_LOGPROB_ENTRIES)",
+                f"new tokens) x ({self.per_position}), summed over its sequences"
+                f"{self.sequences}); the limit is {self.limit} (TEXTGEN_MAX_LOGPROB_ENTRIES)",
                 self.field,
             )
 
@@ -431,7 +442,11 @@ class _Completion(_Request):
         logprobs = req.logprobs
         if logprobs is None and self.best_of > req.n:
             logprobs = 0  # ranking needs each token's logprob; the client gets none
-        entries = _LogprobEntries(engine, req.logprobs, "logprobs")
+        # Every one of best_of sequences is scored, and held, before the best n are picked.
+        ranked = f": best_of {self.best_of} per prompt, of which n {req.n} return"
+        entries = _LogprobEntries(
+            engine, req.logprobs, "logprobs", sequences=ranked if self.best_of > req.n else ""
+        )
         for p, prompt in enumerate(prompts):
             name = "prompt" if len(prompts) == 1 else f"prompt[{p}]"
             ids = prompt_ids(engine, prompt, name)
@@ -527,7 +542,10 @@ class _ChatCompletion(_Request):
         budget = _budget(engine, ids, req.max_new_tokens, "messages", budget_field)
         self.prompt_tokens = len(ids)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        entries = _LogprobEntries(engine, logprobs, "top_logprobs")
+        if req.top_logprobs is None:  # logprobs: true alone, the chosen token's
+            entries = _LogprobEntries(engine, logprobs, "logprobs", "1, logprobs true")
+        else:
+            entries = _LogprobEntries(engine, logprobs, "top_logprobs")
         entries.add(budget, req.n)
         entries.check()
         logit_bias = _logit_bias(req.logit_bias)
