@@ -67,8 +67,9 @@ async def render(
     memory_mb: int,
 ) -> str:
     """The prompt text of `source` rendered in a child process; raises ChatTemplateError
-    (the client's 400) for a bad template, past `timeout_s` of wall time (the child is
-    killed) or past `memory_mb` MiB of address space."""
+    (the client's 400) for a bad template, past `timeout_s` of wall time from the call,
+    the wait for a turn included (the child is killed), or past `memory_mb` MiB of
+    address space; RenderersBusy (a 429) when no turn is to be had."""
     if len(source) > MAX_TEMPLATE_CHARS:
         raise ChatTemplateError(
             f"chat_template has {len(source)} characters; the limit is {MAX_TEMPLATE_CHARS}"
@@ -189,8 +190,8 @@ async def _run(
         out = await asyncio.wait_for(_read(proc, job, limit), max(0.0, timeout_s - waited_s))
     except _TooLong:
         raise ChatTemplateError(
-            f"chat_template rendering answered more than {limit} bytes, the most a "
-            "TEXTGEN_MAX_PROMPT_CHARS-long prompt takes"
+            f"chat_template rendering answered more than {limit} bytes, the most that a "
+            "prompt of TEXTGEN_MAX_PROMPT_CHARS characters or a cut error message takes"
         ) from None
     except TimeoutError:
         wait = f", {waited_s:.1f} s of them waiting for a turn" if waited_s >= 0.05 else ""

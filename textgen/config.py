@@ -87,7 +87,7 @@ def packed_model_tag(bento_root: Path | None = None) -> str | None:
 
 
 def default_slots_per_request(max_batch_size: int) -> int:
-    """The batch less a quarter of it, rounded down: that quarter stays for other
+    """The batch less a quarter of it (the quarter rounded down): that quarter stays for other
     requests while one request is wide. A batch of 1 to 3 has no quarter to keep, so
     there one request may hold every slot."""
     return max(1, max_batch_size - max_batch_size // 4)
