@@ -3,6 +3,9 @@ the default writes each message's content followed by <|endoftext|>."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+
 import httpx
 import openai
 import pytest
@@ -11,7 +14,7 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 from tests.conftest import hf_greedy, make_engine
-from textgen import openai_api
+from textgen import chat_sandbox, openai_api
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -196,3 +199,22 @@ def test_the_server_template_comes_from_textgen_chat_template(tmp_path, tokenize
         assert info["chat_template"] == path.read_text()
     finally:
         eng.shutdown()
+
+
+def test_the_sandbox_reads_at_most_its_limit_of_a_childs_answer():
+    async def main() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import sys; sys.stdin.read(); sys.stdout.write('a' * 200000)",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            with pytest.raises(chat_sandbox._TooLong):
+                await chat_sandbox._read(proc, b"{}", 1000)
+        finally:
+            proc.kill()
+            await proc.wait()
+
+    asyncio.run(main())

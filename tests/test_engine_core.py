@@ -325,8 +325,9 @@ def test_warm_up_raises_when_its_generation_fails(tiny_model, tokenizer):
         eng.shutdown()
 
 
-def test_warm_up_crosses_128_positions_and_reuses_a_slot(tiny_model, tokenizer):
-    eng = make_engine(tiny_model, tokenizer)
+@pytest.mark.parametrize("slots_per_request", [24, 1])
+def test_warm_up_crosses_128_positions_and_reuses_a_slot(tiny_model, tokenizer, slots_per_request):
+    eng = make_engine(tiny_model, tokenizer, max_slots_per_request=slots_per_request)
     seen = []
 
     def record(call, args):

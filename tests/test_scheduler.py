@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import make_engine
 from textgen.params import SamplingParams
 from textgen.scheduler import (
     Closed,
@@ -225,3 +226,60 @@ def test_a_finished_sequence_not_yet_retired_does_not_hold_back_a_submission():
     s.submit([b])  # no QueueFull
     s.retire()
     assert s.admit()[0] == [b] and b.slot == 0
+
+
+# -- fair share between requests (issue 23, item 2) ---------------------------------------
+
+
+def test_a_request_holds_at_most_its_share_of_slots_and_a_later_one_starts_at_once():
+    s = Scheduler(max_batch_size=4, max_waiting=10, max_slots_per_request=3)
+    wide = [seq() for _ in range(6)]
+    s.submit(wide)
+    assert s.admit()[0] == wide[:3]  # the fourth slot stays free
+    assert s.admit()[0] == []
+    late = seq()
+    s.submit([late])
+    assert s.admit()[0] == [late] and late.slot == 3
+
+
+def test_freed_slots_go_round_robin_to_the_request_holding_fewest():
+    s = Scheduler(max_batch_size=4, max_waiting=20)
+    wide = [seq() for _ in range(8)]
+    s.submit(wide)
+    s.admit()
+    other = [seq() for _ in range(3)]
+    s.submit(other)
+    for q in wide[:3]:
+        q.finish(Status.FINISHED_EOS)
+    s.retire()
+    # wide holds 1 slot, other none; then they alternate (arrival order on a tie).
+    assert s.admit()[0] == [other[0], wide[4], other[1]]
+    wide[3].finish(Status.FINISHED_EOS)
+    s.retire()
+    assert s.admit()[0] == [wide[5]]  # wide holds 1, other 2
+
+
+def test_one_request_alone_still_fills_every_slot_by_default():
+    s = Scheduler(max_batch_size=4, max_waiting=10)
+    seqs = [seq() for _ in range(4)]
+    s.submit(seqs)
+    assert s.admit()[0] == seqs
+
+
+def test_sequences_submitted_as_separate_requests_each_get_their_share():
+    s = Scheduler(max_batch_size=2, max_waiting=10, max_slots_per_request=1)
+    a, b = seq(), seq()
+    s.submit([a, b], one_request=False)
+    assert s.admit()[0] == [a, b]
+
+
+@pytest.mark.parametrize(("batch", "slots"), [(1, 1), (3, 3), (4, 3), (8, 6), (32, 24)])
+def test_the_default_slot_share_follows_the_batch_size(tiny_model, tokenizer, batch, slots):
+    # The engine's scheduler gets the share computed from its own batch, wherever its
+    # settings came from (make_engine sets no share).
+    eng = make_engine(tiny_model, tokenizer, max_batch_size=batch)
+    try:
+        assert eng.settings.max_slots_per_request == slots
+        assert eng.scheduler.max_slots_per_request == slots
+    finally:
+        eng.shutdown()

@@ -6,7 +6,8 @@ message's content followed by `<|endoftext|>`, roles ignored. A server-wide temp
 (`TEXTGEN_CHAT_TEMPLATE`, a Jinja file) replaces it, and so does a request's own
 `chat_template` when the server trusts them (`TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE`,
 off by default, as in vLLM): a template is a program, and the sandbox below bounds
-what it can reach, not how long it runs.
+what it can reach, not how long it runs or what it allocates, so a request's template
+renders in a child process with a deadline and a memory cap (textgen/chat_sandbox.py).
 
 Templates render in Jinja's immutable sandbox, as transformers does, with `range`,
 `*` and `**` bounded and the output cut off at `max_chars`; any error is a
@@ -32,6 +33,10 @@ MAX_PRODUCT = 1 << 20  # elements or characters one `*` may make
 
 class ChatTemplateError(ValueError):
     """The template is invalid or failed to render; the message says where."""
+
+
+class TemplateMemoryError(ChatTemplateError):
+    """Rendering ran out of memory (in textgen/chat_sandbox.py: past the child's cap)."""
 
 
 class _Environment(ImmutableSandboxedEnvironment):
@@ -87,13 +92,10 @@ class ChatTemplate:
             source = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         return cls(source, tokenizer.eos_token, tokenizer.bos_token)
 
-    def with_source(self, source: str) -> ChatTemplate:
-        """A request's own template, with this one's special tokens."""
-        if len(source) > MAX_TEMPLATE_CHARS:
-            raise ChatTemplateError(
-                f"chat_template has {len(source)} characters; the limit is {MAX_TEMPLATE_CHARS}"
-            )
-        return ChatTemplate(source, self._tokens["eos_token"], self._tokens["bos_token"])
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The names the template may read besides messages: eos_token, bos_token."""
+        return dict(self._tokens)
 
     def render(
         self,
@@ -126,6 +128,8 @@ class ChatTemplate:
                 parts.append(part)
         except ChatTemplateError:
             raise
+        except MemoryError:
+            raise TemplateMemoryError("chat_template ran out of memory while rendering") from None
         except Exception as exc:  # a template can raise anything (filters, format, memory)
             detail = str(exc) if isinstance(exc, TemplateError) else f"{type(exc).__name__}: {exc}"
             raise ChatTemplateError(f"chat_template failed to render: {detail}") from None

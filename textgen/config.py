@@ -86,6 +86,13 @@ def packed_model_tag(bento_root: Path | None = None) -> str | None:
     return None
 
 
+def default_slots_per_request(max_batch_size: int) -> int:
+    """The batch less a quarter of it (the quarter rounded down): that quarter stays for other
+    requests while one request is wide. A batch of 1 to 3 has no quarter to keep, so
+    there one request may hold every slot."""
+    return max(1, max_batch_size - max_batch_size // 4)
+
+
 @dataclass(frozen=True)
 class Settings:
     model_tag: str = DEFAULT_MODEL_TAG  # model store tag to serve (a bento: the one it packed)
@@ -106,11 +113,23 @@ class Settings:
     max_n: int = 8  # upper bound on OpenAI `n` (choices per prompt)
     max_prompts: int = 256  # upper bound on prompts in one OpenAI request (lm-eval batches)
     max_logprobs: int = 20  # upper bound on logprobs / top_logprobs / prompt_logprobs
+    max_sequences_per_request: int = 64  # prompts x n (best_of) one request may queue
+    # KV slots one request holds at once; None: default_slots_per_request(max_batch_size).
+    max_slots_per_request: int | None = None
+    max_logprob_entries: int = 1 << 18  # (token, logprob) pairs one response may carry
+    max_detokenize_tokens: int = 4096  # token ids one /detokenize request may send
     chat_template: str | None = None  # a Jinja file; None: GPT-2's default (textgen/chat.py)
     trust_request_chat_template: bool = False  # whether a request may send its own template
+    chat_template_timeout_seconds: float = 2.0  # wall time to render a request's template
+    chat_template_memory_mb: int = 256  # address space of the process rendering one
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
     drain_seconds: float = 0.0  # after SIGTERM: /readyz 503 but still serving, then stop
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
+
+    def __post_init__(self) -> None:
+        if self.max_slots_per_request is None:  # the one place the default is computed
+            slots = default_slots_per_request(self.max_batch_size)
+            object.__setattr__(self, "max_slots_per_request", slots)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -147,8 +166,16 @@ class Settings:
             max_n=_env_int("TEXTGEN_MAX_N", 8, 1),
             max_prompts=_env_int("TEXTGEN_MAX_PROMPTS", 256, 1),
             max_logprobs=_env_int("TEXTGEN_MAX_LOGPROBS", 20, 0),
+            max_sequences_per_request=_env_int("TEXTGEN_MAX_SEQUENCES_PER_REQUEST", 64, 1),
+            max_logprob_entries=_env_int("TEXTGEN_MAX_LOGPROB_ENTRIES", 1 << 18, 1),
+            max_detokenize_tokens=_env_int("TEXTGEN_MAX_DETOKENIZE_TOKENS", 4096, 1),
+            max_slots_per_request=_env_int("TEXTGEN_MAX_SLOTS_PER_REQUEST", 0, 1) or None,
             chat_template=os.environ.get("TEXTGEN_CHAT_TEMPLATE", "").strip() or None,
             trust_request_chat_template=_env_bool("TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE", False),
+            chat_template_timeout_seconds=_env_float(
+                "TEXTGEN_CHAT_TEMPLATE_TIMEOUT_SECONDS", 2.0, 0.0, 3600.0
+            ),
+            chat_template_memory_mb=_env_int("TEXTGEN_CHAT_TEMPLATE_MEMORY_MB", 256, 64),
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
             drain_seconds=_env_float("TEXTGEN_DRAIN_SECONDS", 0.0, 0.0, 3600.0, or_equal=True),
             body_timeout_seconds=_env_float("TEXTGEN_BODY_TIMEOUT_SECONDS", 30.0, 0.0, 3600.0),

@@ -124,6 +124,7 @@ class Engine:
             settings.max_waiting,
             settings.max_prefill_tokens,
             prefix_caching=settings.prefix_caching,
+            max_slots_per_request=settings.max_slots_per_request,
         )
         self.metrics = metrics.get()
         # Positions per sequence: the model's context, or less when the settings say.
@@ -247,7 +248,8 @@ class Engine:
         short = SamplingParams(max_new_tokens=4, min_new_tokens=4)
         long = SamplingParams(max_new_tokens=long_tokens, min_new_tokens=long_tokens)
         first = [self.new_sequence(prompt, short), self.new_sequence(prompt, long)]
-        self.scheduler.submit(first, beyond_limit=True)
+        # Two requests, admitted together whatever max_slots_per_request is.
+        self.scheduler.submit(first, beyond_limit=True, one_request=False)
         self._wait_finished(first[:1])
         # Takes the first one's slot: with prefix caching, as the slot holding all of its
         # prompt's prefix (the first's prompt and output), so that one token is prefilled

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import functools
 import logging
 import time
 import uuid
@@ -33,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import textgen
-from textgen import jsonbody
+from textgen import chat_sandbox, jsonbody
 from textgen.api import (
     EventStreamResponse,
     check_budget,
@@ -187,16 +186,64 @@ def _check_n(engine: Engine, n: int) -> None:
         raise OpenAIError(400, f"n must be <= {engine.settings.max_n}, got {n}", "n")
 
 
-def _check_sequences(engine: Engine, count: int, what: str) -> None:
-    """Bounds the sequences one request makes by what the server can hold."""
+def _check_sequences(engine: Engine, count: int, field_: str, what: str) -> None:
+    """Bounds the sequences one request queues (`what` says how `count` was made): by
+    TEXTGEN_MAX_SEQUENCES_PER_REQUEST, and by what the queue can ever hold (waiting plus
+    running), past which a retry could never succeed: a 400 either way, never a 429."""
     s = engine.settings
+    limit = s.max_sequences_per_request
+    if count > limit:
+        raise OpenAIError(
+            400,
+            f"this request makes {count} sequences ({what}); the limit is {limit} "
+            f"(TEXTGEN_MAX_SEQUENCES_PER_REQUEST)",
+            field_,
+        )
     room = s.max_waiting + s.max_batch_size
     if count > room:
         raise OpenAIError(
             400,
-            f"this request needs {count} sequences ({what}); the server holds at most {room} "
-            f"(TEXTGEN_MAX_WAITING + TEXTGEN_MAX_BATCH_SIZE)",
+            f"this request makes {count} sequences ({what}); the server queues at most "
+            f"{room} (TEXTGEN_MAX_WAITING {s.max_waiting} + TEXTGEN_MAX_BATCH_SIZE "
+            f"{s.max_batch_size})",
+            field_,
         )
+
+
+class _LogprobEntries:
+    """Counts the (token, logprob) pairs a request's response may carry, each position's
+    chosen token and its alternatives: (echoed prompt tokens + new tokens) x (logprobs + 1)
+    per sequence. `check`: past TEXTGEN_MAX_LOGPROB_ENTRIES, a 400 before anything runs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        logprobs: int | None,
+        field_: str,
+        per_position: str | None = None,
+        sequences: str = "",
+    ) -> None:
+        """`per_position` says what (logprobs + 1) counts, by default `field_` and its
+        value; `sequences`, after "summed over its sequences", which sequences count."""
+        self.limit = engine.settings.max_logprob_entries
+        self.logprobs, self.field = logprobs, field_
+        self.per_position = per_position or f"{field_} {logprobs} + 1"
+        self.sequences = sequences
+        self.total = 0
+
+    def add(self, positions: int, sequences: int = 1) -> None:
+        if self.logprobs is not None:
+            self.total += positions * sequences * (self.logprobs + 1)
+
+    def check(self) -> None:
+        if self.total > self.limit:
+            raise OpenAIError(
+                400,
+                f"this request asks for {self.total} logprob entries ((echoed prompt tokens + "
+                f"new tokens) x ({self.per_position}), summed over its sequences"
+                f"{self.sequences}); the limit is {self.limit} (TEXTGEN_MAX_LOGPROB_ENTRIES)",
+                self.field,
+            )
 
 
 # -- choices ----------------------------------------------------------------------
@@ -385,17 +432,26 @@ class _Completion(_Request):
             raise OpenAIError(
                 400, "max_tokens must be >= 1 unless echo is set, got 0", "max_tokens"
             )
-        _check_sequences(engine, len(prompts) * self.best_of, "prompts x best_of")
+        per_prompt = "best_of" if req.best_of else "n"
+        what = f"{len(prompts)} prompts x {per_prompt} {self.best_of}"
+        field_ = "prompt" if self.best_of == 1 else per_prompt
+        _check_sequences(engine, len(prompts) * self.best_of, field_, what)
         self.scoring = req.echo and req.logprobs is not None
         self.prompts: list[list[int]] = []
         logit_bias = _logit_bias(req.logit_bias)
         logprobs = req.logprobs
         if logprobs is None and self.best_of > req.n:
             logprobs = 0  # ranking needs each token's logprob; the client gets none
+        # Every one of best_of sequences is scored, and held, before the best n are picked.
+        ranked = f": best_of {self.best_of} per prompt, of which n {req.n} return"
+        entries = _LogprobEntries(
+            engine, req.logprobs, "logprobs", sequences=ranked if self.best_of > req.n else ""
+        )
         for p, prompt in enumerate(prompts):
             name = "prompt" if len(prompts) == 1 else f"prompt[{p}]"
             ids = prompt_ids(engine, prompt, name)
             budget = _budget(engine, ids, req.max_tokens, name, "max_tokens")
+            entries.add((len(ids) if self.scoring else 0) + budget, self.best_of)
             self.prompts.append(ids)
             self.prompt_tokens += len(ids)
             prefix = ""
@@ -413,6 +469,7 @@ class _Completion(_Request):
                 self.seqs.append(engine.new_sequence(ids, params))
                 self.choices.append(_Choice(len(self.choices), prefix))
             self.prompt_seqs.append(self.seqs[-self.best_of])
+        entries.check()
 
     def start(self, i: int) -> bool:
         """At a sequence's first event, its echoed prompt's entries come first."""
@@ -485,6 +542,12 @@ class _ChatCompletion(_Request):
         budget = _budget(engine, ids, req.max_new_tokens, "messages", budget_field)
         self.prompt_tokens = len(ids)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs is None:  # logprobs: true alone, the chosen token's
+            entries = _LogprobEntries(engine, logprobs, "logprobs", "1, logprobs true")
+        else:
+            entries = _LogprobEntries(engine, logprobs, "top_logprobs")
+        entries.add(budget, req.n)
+        entries.check()
         logit_bias = _logit_bias(req.logit_bias)
         for j in range(req.n):
             params = _sampling_params(req, budget, j, logprobs=logprobs, logit_bias=logit_bias)
@@ -531,31 +594,47 @@ class _ChatCompletion(_Request):
             yield sse(self.chunk([], usage=self.usage()))
 
 
-async def render_chat(frontend: Frontend, messages: list[Any], req: Any) -> str:
+async def render_chat(frontend: Frontend, messages: list[Any], req: Any, request: Request) -> str:
     """The prompt text of chat messages, through the server's template or, when the server
-    trusts request templates, the request's. A request's template renders off the event
-    loop: it is the client's program."""
+    trusts request templates, the request's. A request's template is the client's program:
+    it renders in a child process with a deadline and a memory cap (`chat_sandbox`)."""
     template = frontend.chat_template
     source = getattr(req, "chat_template", None)
     settings = frontend.engine.settings
+    inputs = [m.as_template_input() for m in messages]
     try:
-        if source is not None:
-            if not settings.trust_request_chat_template:
-                raise ChatTemplateError(
-                    "chat_template is not accepted from requests on this server "
-                    "(TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE is off)"
-                )
-            template = template.with_source(source)
-        render = functools.partial(
-            template.render,
-            [m.as_template_input() for m in messages],
-            add_generation_prompt=req.add_generation_prompt,
-            max_chars=settings.max_prompt_chars,
-            kwargs=req.chat_template_kwargs,
+        if source is None:
+            return template.render(
+                inputs,
+                add_generation_prompt=req.add_generation_prompt,
+                max_chars=settings.max_prompt_chars,
+                kwargs=req.chat_template_kwargs,
+            )
+        if not settings.trust_request_chat_template:
+            raise ChatTemplateError(
+                "chat_template is not accepted from requests on this server "
+                "(TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE is off)"
+            )
+        rendering = chat_sandbox.render(
+            source,
+            template.special_tokens,
+            inputs,
+            req.add_generation_prompt,
+            settings.max_prompt_chars,
+            req.chat_template_kwargs,
+            timeout_s=settings.chat_template_timeout_seconds,
+            memory_mb=settings.chat_template_memory_mb,
         )
-        return await asyncio.to_thread(render) if source is not None else render()
+        text = await until_disconnected(request, rendering)  # gone: its child is killed
     except ChatTemplateError as exc:
         raise OpenAIError(400, str(exc), "chat_template") from None
+    except chat_sandbox.RenderersBusy as exc:
+        raise OpenAIError(
+            429, f"{exc}; retry later", type_="rate_limit_error", code="rate_limit_exceeded"
+        ) from None
+    if text is None:
+        raise OpenAIError(499, "the client went away")
+    return text
 
 
 # -- routes -----------------------------------------------------------------------
@@ -582,12 +661,15 @@ async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
         ).response()
 
 
-async def _completion(req: CompletionRequest, frontend: Frontend) -> _Request:
+async def _completion(req: CompletionRequest, frontend: Frontend, request: Request) -> _Request:
     return _Completion(req, frontend)
 
 
-async def _chat_completion(req: ChatCompletionRequest, frontend: Frontend) -> _Request:
+async def _chat_completion(
+    req: ChatCompletionRequest, frontend: Frontend, request: Request
+) -> _Request:
     _check_n(frontend.engine, req.n)
+    _check_sequences(frontend.engine, req.n, "n", f"n {req.n}")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -598,11 +680,14 @@ async def _chat_completion(req: ChatCompletionRequest, frontend: Frontend) -> _R
                 f"top_logprobs must be <= {limit} (TEXTGEN_MAX_LOGPROBS), got {req.top_logprobs}",
                 "top_logprobs",
             )
-    return _ChatCompletion(req, frontend, await render_chat(frontend, req.messages, req))
+    prompt = await render_chat(frontend, req.messages, req, request)
+    return _ChatCompletion(req, frontend, prompt)
 
 
 async def _generate(
-    request: Request, schema: type[Any], build: Callable[[Any, Frontend], Awaitable[_Request]]
+    request: Request,
+    schema: type[Any],
+    build: Callable[[Any, Frontend, Request], Awaitable[_Request]],
 ) -> Response:
     async def handle() -> Response:
         frontend: Frontend = request.app.state.frontend
@@ -613,7 +698,7 @@ async def _generate(
             ignored = _header_safe(", ".join(req.ignored_fields))
             logger.warning("%s: ignored unknown fields: %s", request.url.path, ignored)
             headers[IGNORED_FIELDS_HEADER] = ignored
-        work = await build(req, frontend)
+        work = await build(req, frontend, request)
         events = frontend.engine.stream(work.seqs, request.url.path)
         if req.stream:
             return EventStreamResponse(_sse_stream(work, events), events, headers=headers)
@@ -623,9 +708,28 @@ async def _generate(
             await events.aclose()  # cancels the sequences that did not finish
         if done is None:  # the client went away
             return Response(status_code=499)
-        return JSONResponse(work.body(), headers=headers)
+        # Off the event loop: a scoring response holds up to TEXTGEN_MAX_LOGPROB_ENTRIES
+        # entries, and building and encoding it there would hold up every other request
+        # and the health probes meanwhile.
+        return await asyncio.to_thread(
+            lambda: _ChoicewiseJSONResponse(work.body(), headers=headers)
+        )
 
     return await _answer(handle)
+
+
+class _ChoicewiseJSONResponse(JSONResponse):
+    """JSONResponse's bytes, its `choices` encoded one at a time: json's C encoder holds
+    the GIL for a whole call, so a single call over a large body would stop the event
+    loop's thread however it was started; between choices that thread may run."""
+
+    def render(self, content: Any) -> bytes:
+        choices = content.get("choices") if isinstance(content, dict) else None
+        if not isinstance(choices, list) or not choices:
+            return super().render(content)
+        head = super().render({**content, "choices": []})  # no client text outside choices
+        parts = b",".join(JSONResponse.render(self, c) for c in choices)
+        return head.replace(b'"choices":[]', b'"choices":[' + parts + b"]", 1)
 
 
 def _header_safe(text: str, limit: int = 1024) -> str:
@@ -708,7 +812,7 @@ async def tokenize(request: Request) -> Response:
             raise OpenAIError(400, "send exactly one of prompt and messages", "prompt")
         text = req.prompt
         if req.messages is not None:
-            text = await render_chat(frontend, req.messages, req)
+            text = await render_chat(frontend, req.messages, req, request)
         ids = prompt_ids(frontend.engine, text, "prompt") if text else []
         body: dict[str, Any] = {
             "count": len(ids),
@@ -728,6 +832,14 @@ async def detokenize(request: Request) -> Response:
         frontend: Frontend = request.app.state.frontend
         req = parse(await request.body(), DetokenizeRequest)
         _check_model(req.model, frontend.engine)
+        limit = frontend.engine.settings.max_detokenize_tokens
+        if len(req.tokens) > limit:  # each id decodes to dozens of characters at most
+            raise OpenAIError(
+                400,
+                f"tokens has {len(req.tokens)} ids; the limit is {limit} "
+                "(TEXTGEN_MAX_DETOKENIZE_TOKENS)",
+                "tokens",
+            )
         if req.tokens:
             prompt_ids(frontend.engine, req.tokens, "tokens")  # checks the ids
         return JSONResponse({"prompt": frontend.engine.tokenizer.decode(req.tokens)})

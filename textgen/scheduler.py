@@ -14,6 +14,13 @@ the lowest empty one, else the least recently used one (so running sequences
 may spread over the slots, and decode attends over the gaps), and may name a
 slot to copy a prefix from (`copy_from`), which the engine does before anything
 else writes.
+
+NOTE (fair share): the sequences one `submit` queues are one request, a group
+(`seq.group`). `admit` fills a free slot with the waiting sequence whose group holds
+the fewest slots (arrival order among equals), and no group holds more than
+`max_slots_per_request` slots: a request queued behind a wide one takes the next
+free slot, and while that bound is below `max_batch_size` it finds one free at once
+whenever only one other request runs.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import itertools
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from textgen.params import SamplingParams
@@ -75,6 +82,7 @@ Event = TokenEvent | FinishEvent
 PromptLogprob = tuple[float, tuple[tuple[int, float], ...]] | None
 
 _ids = itertools.count()
+_groups = itertools.count()
 
 
 @dataclass(eq=False)
@@ -86,6 +94,7 @@ class Sequence:
     decoder: Decoder
     rng: random.Random | None = None  # when sampling: one uniform draw per token, seeded
     request_id: int = field(default_factory=lambda: next(_ids))
+    group: int = -1  # the request it belongs to: the sequences of one `submit`
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     status: Status = Status.WAITING
@@ -229,8 +238,11 @@ class Scheduler:
         max_waiting: int,
         max_prefill_tokens: int = 2048,
         prefix_caching: bool = False,
+        max_slots_per_request: int | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size  # KV slots, so sequences in the running batch
+        # Slots one request's sequences may hold at once; None: all of them.
+        self.max_slots_per_request = max_slots_per_request or max_batch_size
         self.max_waiting = max_waiting  # queued sequences beyond which submit refuses
         # Positions one prefill step may compute, padding included (`padded_tokens`);
         # a larger prefill would stall every running stream for that long.
@@ -247,9 +259,12 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, seqs: list[Sequence], beyond_limit: bool = False) -> None:
-        """Queues sequences for admission, all or none; `beyond_limit` (the engine's own
-        warm-up) ignores the waiting limit."""
+    def submit(
+        self, seqs: list[Sequence], beyond_limit: bool = False, one_request: bool = True
+    ) -> None:
+        """Queues sequences for admission, all or none, as one request (a group) unless
+        `one_request` is False (each its own). `beyond_limit` (the engine's own warm-up)
+        ignores the waiting limit."""
         with self._lock:
             if self._closed is not None:
                 raise Closed(self._closed)
@@ -260,6 +275,9 @@ class Scheduler:
                 raise QueueFull(
                     f"{len(self._waiting)} requests are waiting (limit {self.max_waiting})"
                 )
+            group = next(_groups)
+            for seq in seqs:
+                seq.group = group if one_request else next(_groups)
             self._waiting.extend(seqs)
             self._work.notify()
 
@@ -285,7 +303,7 @@ class Scheduler:
         return bool(self.running or self._waiting)
 
     def admit(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Moves waiting sequences, in arrival order, into free slots.
+        """Moves waiting sequences into free slots, a fair share per request (`_next`).
 
         Admits while slots are free and the prefill stays within
         `max_prefill_tokens` positions to compute, padding included (`padded_tokens`:
@@ -306,11 +324,15 @@ class Scheduler:
             dropped = [seq for seq in self._waiting if seq.cancel_requested]
             if dropped:
                 self._waiting = deque(s for s in self._waiting if not s.cancel_requested)
+            held = Counter(seq.group for seq in self.running)
             lengths: list[int] = []  # tokens each admitted sequence computes
             scored = 0
             deferred: list[Sequence] = []
-            while self._waiting and self._free_slots:
-                seq = self._waiting[0]
+            while self._free_slots:
+                index = self._next(held)
+                if index is None:
+                    break
+                seq = self._waiting[index]
                 cache = self.prefix_cache
                 match = None if cache is None else cache.best(seq, self.running)
                 cached = match.length if match is not None else 0
@@ -320,7 +342,8 @@ class Scheduler:
                         (common_prefix(seq.prompt_ids, a.prompt_ids) for a in sources), default=0
                     )
                     if shared - cached >= DEFER_SHARED_TOKENS:
-                        deferred.append(self._waiting.popleft())
+                        del self._waiting[index]
+                        deferred.append(seq)
                         if len(deferred) >= self.max_batch_size:  # the scan stays short
                             break
                         continue
@@ -331,7 +354,8 @@ class Scheduler:
                 over = padded_tokens(lengths) > self.max_prefill_tokens
                 if admitted and (over or 2 * scored > self.max_prefill_tokens):
                     break
-                self._waiting.popleft()
+                del self._waiting[index]
+                held[seq.group] += 1
                 seq.status = Status.RUNNING
                 self._place(seq, match)
                 self.running.append(seq)
@@ -352,6 +376,22 @@ class Scheduler:
         heapq.heapify(self._free_slots)
         if match is not None:
             seq.cached_tokens, seq.prefix_logprobs = match.length, match.scored
+
+    def _next(self, held: Counter[int]) -> int | None:
+        """Index in the waiting queue of the sequence to admit next: the first one of the
+        group holding the fewest slots, among groups under `max_slots_per_request`."""
+        best: int | None = None
+        best_held = self.max_slots_per_request
+        seen: set[int] = set()
+        for index, seq in enumerate(self._waiting):
+            if seq.group in seen:
+                continue
+            seen.add(seq.group)
+            if held[seq.group] < best_held:
+                best, best_held = index, held[seq.group]
+                if best_held == 0:
+                    break
+        return best
 
     def retire(self) -> list[Sequence]:
         """Removes finished (and cancelled) sequences from the batch, freeing their slots."""
