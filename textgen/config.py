@@ -110,6 +110,9 @@ class Settings:
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
     drain_seconds: float = 0.0  # after SIGTERM: /readyz 503 but still serving, then stop
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
+    grammar_compile_seconds: float = 5.0  # a constraint not compiled within this: 400
+    grammar_cache_size: int = 64  # compiled constraints kept (LRU)
+    grammar_threads: int = 2  # threads filling the token masks of constrained rows
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -150,4 +153,7 @@ class Settings:
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
             drain_seconds=_env_float("TEXTGEN_DRAIN_SECONDS", 0.0, 0.0, 3600.0, or_equal=True),
             body_timeout_seconds=_env_float("TEXTGEN_BODY_TIMEOUT_SECONDS", 30.0, 0.0, 3600.0),
+            grammar_compile_seconds=_env_float("TEXTGEN_GRAMMAR_COMPILE_SECONDS", 5.0, 0.0, 3600.0),
+            grammar_cache_size=_env_int("TEXTGEN_GRAMMAR_CACHE_SIZE", 64, 1),
+            grammar_threads=_env_int("TEXTGEN_GRAMMAR_THREADS", 2, 1),
         )
