@@ -6,7 +6,8 @@ applies its processors and warpers:
 1. penalties, on the rows that have any: repetition (CTRL-style, over the
    prompt and the output), then presence and frequency (OpenAI, the output);
 2. each row's `logit_bias` added (OpenAI), then EOS and the row's stop token
-   ids suppressed while it is below its `min_new_tokens`;
+   ids suppressed while it is below its `min_new_tokens`, then, on constrained
+   rows (structured output), every token its grammar does not allow;
 3. greedy rows take the argmax; sampling rows divide by their temperature,
    keep their top-k, then their top-p nucleus, then drop tokens below
    min_p x the best one's probability, and draw.
@@ -83,10 +84,16 @@ class Sampler:
                 row[index] = torch.tensor(values, device=self.device)  # ids are distinct
 
     @torch.inference_mode()
-    def choose(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[Choice]:
-        """logits: (B, V) float32, row i for seqs[i]; the sampler may write into it. One
-        Choice per sequence."""
-        processed, bad = self._process(logits, seqs)
+    def choose(
+        self,
+        logits: torch.Tensor,
+        seqs: Seq[Sequence],
+        allowed: tuple[list[int], torch.Tensor] | None = None,
+    ) -> list[Choice]:
+        """logits: (B, V) float32, row i for seqs[i]; the sampler may write into it.
+        `allowed`: (rows, (C, V) bool) the tokens each constrained row may take, mask c
+        for row rows[c]. One Choice per sequence."""
+        processed, bad = self._process(logits, seqs, allowed)
         sampling = [i for i, seq in enumerate(seqs) if seq.params.do_sample]
         if processed is logits and not sampling:  # the common greedy batch: one pass
             best, tokens = logits.max(dim=-1)  # (B,) each
@@ -110,9 +117,13 @@ class Sampler:
         return self._choices(logits, token_ids, seqs)
 
     def _process(
-        self, logits: torch.Tensor, seqs: Seq[Sequence]
+        self,
+        logits: torch.Tensor,
+        seqs: Seq[Sequence],
+        allowed: tuple[list[int], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Penalties, logit biases, EOS and stop-token suppression, when any. Returns the
+        """Penalties, logit biases, EOS and stop-token suppression, grammar masks, when any.
+        Returns the
         processed logits (a copy, unless only suppression applies and no row reads the
         model's own distribution for logprobs: then `logits` itself, written in place),
         and for in-place suppression the rows (B,) bool whose suppressed entries were NaN
@@ -129,12 +140,17 @@ class Sampler:
                 *seq.params.stop_token_ids,
             )
         ]
-        if not penalized and not biased and not suppress:
+        if not penalized and not biased and not suppress and allowed is None:
             return logits, None
         # Only suppression, and no row reads the model's own distribution (logprobs):
         # every request that asks for exactly n tokens, every step. Written in place: no
         # (B, V) copy, and the greedy batch keeps its one pass.
-        in_place = not penalized and not biased and all(s.params.logprobs is None for s in seqs)
+        in_place = (
+            not penalized
+            and not biased
+            and allowed is None
+            and all(s.params.logprobs is None for s in seqs)
+        )
         processed = logits if in_place else logits.clone()
         if penalized:
             rows = torch.tensor(penalized, device=self.device)
@@ -152,6 +168,13 @@ class Sampler:
                 bad = torch.zeros(len(seqs), dtype=torch.int32, device=self.device)
                 bad = bad.index_add_(0, index[0], hidden) > 0
             processed[index[0], index[1]] = float("-inf")
+        if allowed is not None:  # last: nothing after it can make a masked token finite
+            rows, mask = allowed
+            if len(rows) == len(seqs):
+                processed.masked_fill_(~mask, float("-inf"))
+            else:
+                index = torch.tensor(rows, device=self.device)
+                processed[index] = processed[index].masked_fill(~mask, float("-inf"))
         return processed, bad
 
     def _penalize(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from textgen.params import SamplingParams
 from textgen.text import Decoder, Detokenizer, StopMatcher
@@ -91,6 +92,9 @@ class Sequence:
     # One entry per prompt token when `params.prompt_logprobs` is set: written by the
     # engine thread at prefill, before the sequence's first event is delivered.
     prompt_logprobs: list[PromptLogprob] | None = None
+    # With a constraint (`params.constraint`): its textgen.structured.GrammarMatcher, which
+    # has consumed exactly `output_ids`. Advanced by the engine thread only.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         self._detokenizer = Detokenizer(self.decoder)
@@ -107,10 +111,15 @@ class Sequence:
         eos_token_id: int | None,
         logprob: float | None = None,
         top_logprobs: tuple[tuple[int, float], ...] = (),
+        complete: bool = False,
     ) -> None:
-        """Records one generated token, decides whether to stop, queues the events."""
+        """Records one generated token, decides whether to stop, queues the events.
+        `complete`: the output now matches the sequence's constraint whole and nothing
+        can follow it, so the sequence stops (unless EOS or a stop sequence ended it)."""
         self.output_ids.append(token_id)
         piece, status = self._text_and_status(token_id, eos_token_id)
+        if status is None and complete:
+            piece, status = piece + self._drain(), Status.FINISHED_STOP
         self.text += piece
         self.events.append(TokenEvent(token_id, piece, logprob, top_logprobs))
         if status is not None:
