@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import jsonschema
 import pytest
 
 from tests.conftest import make_engine, run
+from textgen import structured
 from textgen.models import gpt2_tokenizer
 from textgen.params import Constraint, ParamError, SamplingParams, one_constraint
 from textgen.scheduler import FinishEvent, Status, TokenEvent
@@ -94,21 +96,47 @@ def test_grammars_are_cached_by_constraint_in_a_bounded_lru(compiler):
     assert compiler.compile_blocking(a) is first
 
 
-def test_a_compile_past_the_time_limit_is_an_error_and_the_engine_serves_on(tiny_model, tokenizer):
-    eng = make_engine(tiny_model, tokenizer, grammar_compile_seconds=1e-4)
-    try:
-        eng.grammars.tokenizer  # noqa: B018 (built first: the compile alone is timed)
-        schema = {"type": "array", "items": {"type": "string", "pattern": "[a-z]{3,40}"}}
-        constraint = Constraint.json_schema(schema, "response_format")
+def test_a_cached_error_names_the_field_of_each_request_that_hits_it(compiler):
+    for param in ("guided_regex", "regex"):
         with pytest.raises(GrammarError) as err:
-            run(eng.grammar(constraint))
-        assert err.value.param == "response_format"
-        assert str(err.value) == (
-            "response_format: the grammar did not compile within 0.0001 s "
+            compiler.compile_blocking(Constraint.text("regex", "(x", param))
+        assert err.value.param == param
+        assert str(err.value).startswith(param + ": at 1(8): invalid regex")
+
+
+def test_a_compile_past_the_time_limit_is_an_error_and_the_engine_serves_on(
+    tiny_model, tokenizer, monkeypatch
+):
+    """A compile that takes 2 s (made slow here) against a 0.2 s limit: the request gets
+    the error at the limit, and the engine decodes another request meanwhile."""
+    real = structured.grammar_text
+
+    def slow(constraint):
+        time.sleep(2)
+        return real(constraint)
+
+    monkeypatch.setattr(structured, "grammar_text", slow)
+    eng = make_engine(tiny_model, tokenizer, grammar_compile_seconds=0.2)
+    try:
+        constraint = Constraint.json_schema({"type": "array"}, "response_format")
+
+        async def both():
+            compiling = asyncio.ensure_future(eng.grammar(constraint))
+            ids, final = await _generate(eng, "Hello", SamplingParams(max_new_tokens=5))
+            assert not compiling.done()  # the engine did not wait for the compile
+            with pytest.raises(GrammarError) as err:
+                await compiling
+            return ids, final, err.value
+
+        started = time.monotonic()
+        ids, final, error = run(both())
+        assert time.monotonic() - started < 1.5
+        assert final.status is Status.FINISHED_LENGTH and len(ids) == 5
+        assert error.param == "response_format"
+        assert str(error) == (
+            "response_format: the grammar did not compile within 0.2 s "
             "(TEXTGEN_GRAMMAR_COMPILE_SECONDS)"
         )
-        ids, final = run(_generate(eng, "Hello", SamplingParams(max_new_tokens=5)))
-        assert final.status is Status.FINISHED_LENGTH and len(ids) == 5
         assert eng.health() is None
     finally:
         eng.shutdown()

@@ -53,6 +53,7 @@ from textgen.openai_schemas import (
 )
 from textgen.params import ParamError, SamplingParams
 from textgen.scheduler import FinishEvent, PromptLogprob, Sequence, Status, TokenEvent
+from textgen.structured import Grammar
 from textgen.text import TokenTable
 
 logger = logging.getLogger("bentoml.textgen")
@@ -348,7 +349,10 @@ class _Completion(_Request):
     object_name = "text_completion"
     id_prefix = "cmpl"
 
-    def __init__(self, req: CompletionRequest, frontend: Frontend) -> None:
+    def __init__(
+        self, req: CompletionRequest, frontend: Frontend, grammar: Grammar | None = None
+    ) -> None:
+        """`grammar`: the request's constraint, compiled (`Engine.grammar`)."""
         super().__init__(req, frontend)
         engine = self.engine
         prompts = req.prompts
@@ -403,8 +407,9 @@ class _Completion(_Request):
                     logprobs=logprobs,
                     prompt_logprobs=req.logprobs if self.scoring else None,
                     logit_bias=logit_bias,
+                    constraint=grammar and grammar.constraint,
                 )
-                self.seqs.append(engine.new_sequence(ids, params))
+                self.seqs.append(engine.new_sequence(ids, params, grammar))
                 self.choices.append(_Choice(len(self.choices), prefix))
 
     def start(self, i: int) -> bool:
@@ -469,8 +474,15 @@ class _ChatCompletion(_Request):
     object_name = "chat.completion"
     id_prefix = "chatcmpl"
 
-    def __init__(self, req: ChatCompletionRequest, frontend: Frontend, prompt: str) -> None:
-        """`prompt`: the messages through the chat template (`render_chat`)."""
+    def __init__(
+        self,
+        req: ChatCompletionRequest,
+        frontend: Frontend,
+        prompt: str,
+        grammar: Grammar | None = None,
+    ) -> None:
+        """`prompt`: the messages through the chat template (`render_chat`); `grammar`: the
+        request's constraint, compiled (`Engine.grammar`)."""
         super().__init__(req, frontend)
         engine = self.engine
         ids = prompt_ids(engine, prompt, "messages")
@@ -480,8 +492,15 @@ class _ChatCompletion(_Request):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         logit_bias = _logit_bias(req.logit_bias)
         for j in range(req.n):
-            params = _sampling_params(req, budget, j, logprobs=logprobs, logit_bias=logit_bias)
-            self.seqs.append(engine.new_sequence(ids, params))
+            params = _sampling_params(
+                req,
+                budget,
+                j,
+                logprobs=logprobs,
+                logit_bias=logit_bias,
+                constraint=grammar and grammar.constraint,
+            )
+            self.seqs.append(engine.new_sequence(ids, params, grammar))
             self.choices.append(_Choice(j))
 
     def body(self) -> dict[str, Any]:
@@ -575,7 +594,8 @@ async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
 
 
 async def _completion(req: CompletionRequest, frontend: Frontend) -> _Request:
-    return _Completion(req, frontend)
+    grammar = await frontend.engine.grammar(req.constraint())
+    return _Completion(req, frontend, grammar)
 
 
 async def _chat_completion(req: ChatCompletionRequest, frontend: Frontend) -> _Request:
@@ -590,7 +610,9 @@ async def _chat_completion(req: ChatCompletionRequest, frontend: Frontend) -> _R
                 f"top_logprobs must be <= {limit} (TEXTGEN_MAX_LOGPROBS), got {req.top_logprobs}",
                 "top_logprobs",
             )
-    return _ChatCompletion(req, frontend, await render_chat(frontend, req.messages, req))
+    prompt = await render_chat(frontend, req.messages, req)
+    grammar = await frontend.engine.grammar(req.constraint())
+    return _ChatCompletion(req, frontend, prompt, grammar)
 
 
 async def _generate(

@@ -50,6 +50,11 @@ class GrammarError(ParamError):
     """A constraint that does not compile (or not in time); `param` names its field."""
 
 
+class _Invalid(Exception):
+    """The engine's message for a constraint that does not compile. Cached as it is:
+    the request that hits the cache names its own field (`_named`)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Grammar:
     """A compiled constraint. Its matcher is never advanced: sequences take copies."""
@@ -98,11 +103,11 @@ def grammar_text(constraint: Constraint) -> str:
     return matcher.grammar_from_lark(lark)
 
 
-def _message(constraint: Constraint, text: str) -> str:
-    text = text.strip()
+def _named(constraint: Constraint, exc: _Invalid) -> GrammarError:
+    text = str(exc).strip()
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 3] + "..."
-    return f"{constraint.param}: {text}"
+    return GrammarError(constraint.param, f"{constraint.param}: {text}")
 
 
 class GrammarCompiler:
@@ -164,6 +169,8 @@ class GrammarCompiler:
             )
         except (TimeoutError, concurrent.futures.CancelledError):
             raise self._too_slow(constraint, future) from None
+        except _Invalid as exc:
+            raise _named(constraint, exc) from None
 
     def compile_blocking(self, constraint: Constraint) -> Grammar:
         """`compile` for a caller that is not on an event loop."""
@@ -172,6 +179,8 @@ class GrammarCompiler:
             return future.result(self.timeout_s)
         except (TimeoutError, concurrent.futures.CancelledError):
             raise self._too_slow(constraint, future) from None
+        except _Invalid as exc:
+            raise _named(constraint, exc) from None
 
     def _too_slow(
         self, constraint: Constraint, future: concurrent.futures.Future[Grammar]
@@ -192,7 +201,7 @@ class GrammarCompiler:
         try:
             text = grammar_text(constraint)
         except ValueError as exc:
-            raise GrammarError(constraint.param, _message(constraint, str(exc))) from None
+            raise _Invalid(str(exc)) from None
         # Both calls release the GIL: the event loop and the engine run meanwhile.
         matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0, limits=LIMITS)
         if not matcher.is_error():
@@ -200,7 +209,7 @@ class GrammarCompiler:
             # and an unsatisfiable grammar shows here, at compile time.
             matcher.compute_bitmask()
         if matcher.is_error():
-            raise GrammarError(constraint.param, _message(constraint, matcher.get_error()))
+            raise _Invalid(matcher.get_error())
         return Grammar(constraint, matcher)
 
     def shutdown(self) -> None:
