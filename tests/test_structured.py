@@ -12,13 +12,19 @@ import time
 
 import jsonschema
 import pytest
+import torch
 
 from tests.conftest import make_engine, run
 from textgen import structured
 from textgen.models import gpt2_tokenizer
 from textgen.params import Constraint, ParamError, SamplingParams, one_constraint
 from textgen.scheduler import FinishEvent, Status, TokenEvent
-from textgen.structured import GrammarCompiler, GrammarError
+from textgen.structured import (
+    GrammarCompiler,
+    GrammarError,
+    unpack_bits_numpy,
+    unpack_bits_torch,
+)
 
 PERSON = {
     "type": "object",
@@ -272,3 +278,18 @@ def test_compiles_run_off_the_event_loop(eng):
 
     first, second = run(both())
     assert first is second
+
+
+def test_both_mask_unpackings_agree_bit_for_bit():
+    """The CPU path (numpy) and the accelerator path (torch shifts, run here on the CPU):
+    token 32 w + j is bit j of word w, the sign bit included, the tail past V dropped."""
+    generator = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (5, 1571), dtype=torch.int32, generator=generator)
+    bits[0, 0] = 1 | (1 << 31) - (1 << 32)  # tokens 0 and 31 only, in the first word
+    numpy_way = unpack_bits_numpy(bits, 50257)
+    torch_way = unpack_bits_torch(bits, 50257)
+    assert numpy_way.shape == torch_way.shape == (5, 50257)
+    assert torch.equal(numpy_way, torch_way)
+    assert numpy_way[0, :32].nonzero().flatten().tolist() == [0, 31]
+    expected = [(int(bits[2, t // 32]) >> (t % 32)) & 1 for t in range(0, 50257, 997)]
+    assert numpy_way[2, ::997].int().tolist() == expected

@@ -233,10 +233,23 @@ class MaskBuilder:
         llguidance.torch.fill_next_token_bitmask_par(
             self._executor, [(m.llmatcher, i) for i, m in enumerate(matchers)], bits
         )
-        if device.type == "cpu":  # little-endian words: byte b holds tokens 8 b .. 8 b + 7
-            as_bytes = bits.numpy().view(np.uint8)  # (C, 4 W)
-            unpacked = np.unpackbits(as_bytes, axis=1, count=self.vocab_size, bitorder="little")
-            return torch.from_numpy(unpacked).view(torch.bool)  # (C, V), 0/1 bytes as bool
-        shifts = torch.arange(32, dtype=torch.int32, device=device)
-        words = bits.to(device, non_blocking=True)[:, :, None]  # (C, W, 1)
-        return ((words >> shifts) & 1).bool().reshape(count, -1)[:, : self.vocab_size]
+        if device.type == "cpu":
+            return unpack_bits_numpy(bits, self.vocab_size)
+        # Non-blocking from the pinned buffer: the step syncs (its tokens .tolist()) before
+        # the next fill overwrites it.
+        return unpack_bits_torch(bits.to(device, non_blocking=True), self.vocab_size)
+
+
+def unpack_bits_numpy(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(C, W) int32 bitmask on the CPU -> (C, V) bool, token 32 w + j from bit j of word w.
+    Little-endian words: byte b holds tokens 8 b .. 8 b + 7, lowest bit first."""
+    as_bytes = bits.numpy().view(np.uint8)  # (C, 4 W)
+    unpacked = np.unpackbits(as_bytes, axis=1, count=vocab_size, bitorder="little")
+    return torch.from_numpy(unpacked).view(torch.bool)  # (C, V), 0/1 bytes read as bool
+
+
+def unpack_bits_torch(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The same on any device: (C, W) int32 -> (C, V) bool."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    expanded = (bits[:, :, None] >> shifts) & 1  # (C, W, 32)
+    return expanded.bool().reshape(bits.shape[0], -1)[:, :vocab_size]
