@@ -18,6 +18,7 @@ from tests.conftest import make_engine, run
 from textgen import structured
 from textgen.models import gpt2_tokenizer
 from textgen.params import Constraint, ParamError, SamplingParams, one_constraint
+from textgen.sampling import _mask_out
 from textgen.scheduler import FinishEvent, Status, TokenEvent
 from textgen.structured import (
     GrammarCompiler,
@@ -293,3 +294,16 @@ def test_both_mask_unpackings_agree_bit_for_bit():
     assert numpy_way[0, :32].nonzero().flatten().tolist() == [0, 31]
     expected = [(int(bits[2, t // 32]) >> (t % 32)) & 1 for t in range(0, 50257, 997)]
     assert numpy_way[2, ::997].int().tolist() == expected
+
+
+def test_masking_out_sets_exactly_the_forbidden_tokens_on_either_path():
+    """numpy's masked copy (contiguous float32 on the CPU) and masked_fill_ (the rest)."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 50257, generator=generator)
+    forbidden = torch.rand(3, 50257, generator=generator) < 0.7
+    fast = logits.clone()
+    _mask_out(fast, forbidden)
+    slow = logits.clone().T.contiguous().T  # not contiguous: the torch path
+    _mask_out(slow, forbidden)
+    expected = logits.masked_fill(forbidden, float("-inf"))
+    assert torch.equal(fast, expected) and torch.equal(slow, expected)

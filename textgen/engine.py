@@ -480,11 +480,11 @@ class Engine:
 
     def _append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
-        allowed = None
+        forbidden = None
         if constrained:
             matchers = [seqs[i].grammar for i in constrained]
-            allowed = (constrained, self.masks.allowed(matchers, logits.device))
-        choices = self.sampler.choose(logits, seqs, allowed)
+            forbidden = (constrained, self.masks.forbidden(matchers, logits.device))
+        choices = self.sampler.choose(logits, seqs, forbidden)
         now = time.perf_counter()
         generated = 0
         for seq, choice in zip(seqs, choices, strict=True):

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from textgen.params import SamplingParams
@@ -88,12 +89,12 @@ class Sampler:
         self,
         logits: torch.Tensor,
         seqs: Seq[Sequence],
-        allowed: tuple[list[int], torch.Tensor] | None = None,
+        forbidden: tuple[list[int], torch.Tensor] | None = None,
     ) -> list[Choice]:
         """logits: (B, V) float32, row i for seqs[i]; the sampler may write into it.
-        `allowed`: (rows, (C, V) bool) the tokens each constrained row may take, mask c
-        for row rows[c]. One Choice per sequence."""
-        processed, bad = self._process(logits, seqs, allowed)
+        `forbidden`: (rows, (C, V) bool) the tokens each constrained row's grammar does not
+        allow, mask c for row rows[c] (rows ascending). One Choice per sequence."""
+        processed, bad = self._process(logits, seqs, forbidden)
         sampling = [i for i, seq in enumerate(seqs) if seq.params.do_sample]
         if processed is logits and not sampling:  # the common greedy batch: one pass
             best, tokens = logits.max(dim=-1)  # (B,) each
@@ -120,7 +121,7 @@ class Sampler:
         self,
         logits: torch.Tensor,
         seqs: Seq[Sequence],
-        allowed: tuple[list[int], torch.Tensor] | None = None,
+        forbidden: tuple[list[int], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Penalties, logit biases, EOS and stop-token suppression, grammar masks, when any.
         Returns the
@@ -140,7 +141,7 @@ class Sampler:
                 *seq.params.stop_token_ids,
             )
         ]
-        if not penalized and not biased and not suppress and allowed is None:
+        if not penalized and not biased and not suppress and forbidden is None:
             return logits, None
         # Only suppression, and no row reads the model's own distribution (logprobs):
         # every request that asks for exactly n tokens, every step. Written in place: no
@@ -148,7 +149,7 @@ class Sampler:
         in_place = (
             not penalized
             and not biased
-            and allowed is None
+            and forbidden is None
             and all(s.params.logprobs is None for s in seqs)
         )
         processed = logits if in_place else logits.clone()
@@ -168,13 +169,15 @@ class Sampler:
                 bad = torch.zeros(len(seqs), dtype=torch.int32, device=self.device)
                 bad = bad.index_add_(0, index[0], hidden) > 0
             processed[index[0], index[1]] = float("-inf")
-        if allowed is not None:  # last: nothing after it can make a masked token finite
-            rows, mask = allowed
-            if len(rows) == len(seqs):
-                processed.masked_fill_(~mask, float("-inf"))
+        if forbidden is not None:  # last: nothing after it can make a masked token finite
+            rows, mask = forbidden
+            if len(rows) == len(seqs):  # every row constrained: rows are 0 .. B - 1
+                _mask_out(processed, mask)
             else:
                 index = torch.tensor(rows, device=self.device)
-                processed[index] = processed[index].masked_fill(~mask, float("-inf"))
+                constrained = processed[index]  # (C, V) a copy
+                _mask_out(constrained, mask)
+                processed[index] = constrained
         return processed, bad
 
     def _penalize(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -346,6 +349,16 @@ def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list
     for lp, values, tops in zip(chosen, top_values.tolist(), top_ids.tolist(), strict=True):
         entries.append((lp, tuple(zip(tops, values, strict=True))))
     return entries
+
+
+def _mask_out(x: torch.Tensor, forbidden: torch.Tensor) -> None:
+    """x[forbidden] = -inf, in place: (C, V) float, (C, V) bool on x's device. On the CPU
+    by numpy's masked copy, which is faster there than torch's masked_fill_."""
+    cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    if cpu and x.is_contiguous() and forbidden.is_contiguous():
+        np.copyto(x.numpy(), -np.inf, where=forbidden.numpy(), casting="unsafe")
+    else:
+        x.masked_fill_(forbidden, float("-inf"))
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

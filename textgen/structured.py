@@ -5,9 +5,10 @@
   engine never waited), and caches grammars by constraint in an LRU bounded in entries.
 - Each constrained sequence holds a `GrammarMatcher`: a copy of its grammar's pristine
   matcher, advanced by every token the sequence generates.
-- `MaskBuilder` fills the allowed-token masks of a step's constrained rows together
-  (llguidance's batched fill, on its own thread pool) as a (C, V) bool tensor the
-  sampler applies after penalties and logit_bias, greedy and sampled rows alike.
+- `MaskBuilder` fills the token masks of a step's constrained rows together
+  (llguidance's batched fill, on its own thread pool) as a (C, V) bool tensor of the
+  forbidden tokens, which the sampler sets to -inf after penalties and logit_bias,
+  greedy and sampled rows alike.
 
 NOTE (invariants): a sequence's matcher has consumed exactly its output tokens; its
 mask allows EOS only where the output is a whole match; once the matcher is stopped
@@ -225,14 +226,22 @@ class MaskBuilder:
         # bits[i, w] bit j: token 32 w + j is allowed for the step's i-th constrained row.
         self._bits = llguidance.torch.allocate_token_bitmask(max_rows, vocab_size)  # (R, W)
 
-    def allowed(self, matchers: list[GrammarMatcher], device: torch.device) -> torch.Tensor:
-        """(C, V) bool on `device`, row i for matchers[i]: the tokens its grammar allows next.
-        A matcher in an error state allows only EOS (its `error` says why)."""
-        count = len(matchers)
-        bits = self._bits[:count]  # (C, W) int32, contiguous
+    def forbidden(self, matchers: list[GrammarMatcher], device: torch.device) -> torch.Tensor:
+        """(C, V) bool on `device`, row i for matchers[i]: True for the tokens its grammar
+        does not allow next. A matcher in an error state allows only EOS (its `error` says
+        why)."""
+        return self.unpack(~self.fill(matchers), device)  # the inverted bits: forbidden
+
+    def fill(self, matchers: list[GrammarMatcher]) -> torch.Tensor:
+        """(C, W) int32 bitmask, row i for matchers[i]; a view of the reused buffer."""
+        bits = self._bits[: len(matchers)]  # (C, W) int32, contiguous
         llguidance.torch.fill_next_token_bitmask_par(
             self._executor, [(m.llmatcher, i) for i, m in enumerate(matchers)], bits
         )
+        return bits
+
+    def unpack(self, bits: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(C, W) int32 bitmask -> (C, V) bool on `device`."""
         if device.type == "cpu":
             return unpack_bits_numpy(bits, self.vocab_size)
         # Non-blocking from the pinned buffer: the step syncs (its tokens .tolist()) before
