@@ -23,6 +23,7 @@ from textgen.scheduler import FinishEvent, Status, TokenEvent
 from textgen.structured import (
     GrammarCompiler,
     GrammarError,
+    MaskBuilder,
     unpack_bits_numpy,
     unpack_bits_torch,
 )
@@ -307,3 +308,19 @@ def test_masking_out_sets_exactly_the_forbidden_tokens_on_either_path():
     _mask_out(slow, forbidden)
     expected = logits.masked_fill(forbidden, float("-inf"))
     assert torch.equal(fast, expected) and torch.equal(slow, expected)
+
+
+def test_masks_filled_in_turn_equal_the_batched_fill(compiler):
+    """Threads 0 (the engine thread, one matcher after another) and a pool: same bits."""
+    grammar = compiler.compile_blocking(Constraint.json_schema(PERSON, "guided_json"))
+    tokenizer = gpt2_tokenizer()
+    prefixes = ['{"name":"Al', '{"name":"Bo","age":4', '{"name":"","age":1,"role":"']
+    matchers = []
+    for prefix in prefixes:
+        matcher = grammar.matcher()
+        assert all(matcher.advance(t) for t in tokenizer.encode(prefix))
+        matchers.append(matcher)
+    serial = MaskBuilder(50257, 4, threads=0).fill(matchers).clone()
+    pooled = MaskBuilder(50257, 4, threads=2).fill(matchers).clone()
+    assert torch.equal(serial, pooled)
+    assert len({tuple(row.tolist()) for row in serial}) == 3  # three different states

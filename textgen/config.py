@@ -112,7 +112,9 @@ class Settings:
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
     grammar_compile_seconds: float = 5.0  # a constraint not compiled within this: 400
     grammar_cache_size: int = 64  # compiled constraints kept (LRU)
-    grammar_threads: int = 2  # threads filling the token masks of constrained rows
+    # Threads filling a step's token masks together (llguidance's batched fill); 0: one
+    # mask after another on the engine thread, leaving every core to the model's threads
+    grammar_threads: int = 2
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -155,5 +157,5 @@ class Settings:
             body_timeout_seconds=_env_float("TEXTGEN_BODY_TIMEOUT_SECONDS", 30.0, 0.0, 3600.0),
             grammar_compile_seconds=_env_float("TEXTGEN_GRAMMAR_COMPILE_SECONDS", 5.0, 0.0, 3600.0),
             grammar_cache_size=_env_int("TEXTGEN_GRAMMAR_CACHE_SIZE", 64, 1),
-            grammar_threads=_env_int("TEXTGEN_GRAMMAR_THREADS", 2, 1),
+            grammar_threads=_env_int("TEXTGEN_GRAMMAR_THREADS", 2, 0),
         )

@@ -220,9 +220,11 @@ class GrammarCompiler:
 class MaskBuilder:
     """The allowed tokens of a step's constrained rows, filled together."""
 
-    def __init__(self, vocab_size: int, max_rows: int, threads: int = 2) -> None:
+    def __init__(self, vocab_size: int, max_rows: int, threads: int = 0) -> None:
         self.vocab_size = vocab_size
-        self._executor = llguidance.LLExecutor(threads)
+        # threads 0: each mask filled in turn on the calling (engine) thread; else on a
+        # pool of that many threads, which then compete with the model's for the cores.
+        self._executor = llguidance.LLExecutor(threads) if threads > 0 else None
         # bits[i, w] bit j: token 32 w + j is allowed for the step's i-th constrained row.
         self._bits = llguidance.torch.allocate_token_bitmask(max_rows, vocab_size)  # (R, W)
 
@@ -235,9 +237,13 @@ class MaskBuilder:
     def fill(self, matchers: list[GrammarMatcher]) -> torch.Tensor:
         """(C, W) int32 bitmask, row i for matchers[i]; a view of the reused buffer."""
         bits = self._bits[: len(matchers)]  # (C, W) int32, contiguous
-        llguidance.torch.fill_next_token_bitmask_par(
-            self._executor, [(m.llmatcher, i) for i, m in enumerate(matchers)], bits
-        )
+        if self._executor is None:
+            for i, m in enumerate(matchers):
+                llguidance.torch.fill_next_token_bitmask(m.llmatcher, bits, i)
+        else:
+            llguidance.torch.fill_next_token_bitmask_par(
+                self._executor, [(m.llmatcher, i) for i, m in enumerate(matchers)], bits
+            )
         return bits
 
     def unpack(self, bits: torch.Tensor, device: torch.device) -> torch.Tensor:
