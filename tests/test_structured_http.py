@@ -76,9 +76,14 @@ BOUNDED = {
         "required": ["x", "n", "c"],
         "additionalProperties": False,
     },
-    "escapes": {  # short strings: the model's quotes, backslashes and controls escaped
+    "escapes": {  # strings and enums that need escaping: quotes, backslashes, controls
         "type": "array",
-        "items": {"type": "string", "maxLength": 6},
+        "items": {
+            "anyOf": [
+                {"type": "string", "maxLength": 6},
+                {"enum": ['say "hi"', "back\\slash", "new\nline\ttab", "\u00e9t\u00e9"]},
+            ]
+        },
         "minItems": 1,
         "maxItems": 3,
     },

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MIN_MODEL_LEN = 16  # shorter contexts leave no room for a prompt and its answer
+GRAMMAR_THREADS_BESIDE_ACCELERATOR = 4  # mask-filling threads when the model is not on the CPU
 DEFAULT_MODEL_TAG = "gpt2:latest"
 
 
@@ -113,8 +114,9 @@ class Settings:
     grammar_compile_seconds: float = 5.0  # a constraint not compiled within this: 400
     grammar_cache_size: int = 64  # compiled constraints kept (LRU)
     # Threads filling a step's token masks together (llguidance's batched fill); 0: one
-    # mask after another on the engine thread, leaving every core to the model's threads
-    grammar_threads: int = 2
+    # mask after another on the engine thread; None: 0 when the model runs on the CPU
+    # (its threads own the cores), else GRAMMAR_THREADS_BESIDE_ACCELERATOR
+    grammar_threads: int | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -157,5 +159,7 @@ class Settings:
             body_timeout_seconds=_env_float("TEXTGEN_BODY_TIMEOUT_SECONDS", 30.0, 0.0, 3600.0),
             grammar_compile_seconds=_env_float("TEXTGEN_GRAMMAR_COMPILE_SECONDS", 5.0, 0.0, 3600.0),
             grammar_cache_size=_env_int("TEXTGEN_GRAMMAR_CACHE_SIZE", 64, 1),
-            grammar_threads=_env_int("TEXTGEN_GRAMMAR_THREADS", 2, 0),
+            grammar_threads=_env_int("TEXTGEN_GRAMMAR_THREADS", 0, 0)
+            if os.environ.get("TEXTGEN_GRAMMAR_THREADS", "").strip()
+            else None,  # unset: chosen by the device (the engine)
         )

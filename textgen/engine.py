@@ -37,7 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textgen import metrics
-from textgen.config import Settings
+from textgen.config import GRAMMAR_THREADS_BESIDE_ACCELERATOR, Settings
 from textgen.devices import resolve_device, resolve_dtype, resolve_int8
 from textgen.params import Constraint, ParamError, SamplingParams
 from textgen.runner import GPT2Runner
@@ -267,7 +267,7 @@ class Engine:
         # 4 tokens can't make 200 letters: it ends by length, as the others do.
         letters = replace(short, constraint=Constraint.text("regex", "[a-z]{200}", "warm-up"))
         self.grammars.tokenizer  # noqa: B018 (builds llguidance's vocabulary, once: ~1 s)
-        grammar = self.grammars.compile_blocking(letters.constraint)
+        grammar = self.grammars.submit(letters.constraint).result()  # no request's limit
         first = [
             self.new_sequence(prompt, short),
             self.new_sequence(prompt, long),
@@ -335,9 +335,10 @@ class Engine:
                 self.eos_token_id,
                 max_tokens=self.max_model_len,
             )
-            self.masks = MaskBuilder(
-                self.runner.vocab_size, self.settings.max_batch_size, self.settings.grammar_threads
-            )
+            threads = self.settings.grammar_threads
+            if threads is None:
+                threads = 0 if device.type == "cpu" else GRAMMAR_THREADS_BESIDE_ACCELERATOR
+            self.masks = MaskBuilder(self.runner.vocab_size, self.settings.max_batch_size, threads)
         except BaseException as exc:
             self._startup_error = exc
             return
