@@ -76,16 +76,15 @@ BOUNDED = {
         "required": ["x", "n", "c"],
         "additionalProperties": False,
     },
-    "escapes": {  # strings and enums that need escaping: quotes, backslashes, controls
-        "type": "array",
-        "items": {
-            "anyOf": [
-                {"type": "string", "maxLength": 6},
-                {"enum": ['say "hi"', "back\\slash", "new\nline\ttab", "\u00e9t\u00e9"]},
-            ]
+    "escapes": {  # values that must be escaped: quotes, backslashes, controls, non-ASCII
+        "type": "object",
+        "properties": {
+            "quoted": {"enum": ['say "hi"', "back\\slash", "new\nline\ttab", "\u00e9t\u00e9"]},
+            "fixed": {"const": 'a "b" \\ c\n'},
+            "words": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
         },
-        "minItems": 1,
-        "maxItems": 3,
+        "required": ["quoted", "fixed", "words"],
+        "additionalProperties": False,
     },
     "any_of": {
         "anyOf": [
