@@ -18,11 +18,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The venv's bin/ on PATH: the tests run its commands (schemathesis, kubectl) by name.
 test: lint
-	$(PY) -m pytest
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py
+	$(PY) bench/prefix_cache.py
 
 # Replicas of the image behind HAProxy (deploy/): builds what is missing, prints the URL.
 cluster: $(VENV)/.installed

@@ -377,7 +377,14 @@ def main() -> None:
         work = Path(tmp)
         model_dir, home, tag = prepare_model(work)
         serve = [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port"]
-        base_env = {"BENTOML_HOME": str(home), "TEXTGEN_MODEL": tag, "TEXTGEN_MAX_BATCH_SIZE": "32"}
+        # Every request sends one prompt, and llama-server runs without its prompt cache:
+        # prefix caching off here too (bench/prefix_cache.py measures it).
+        base_env = {
+            "BENTOML_HOME": str(home),
+            "TEXTGEN_MODEL": tag,
+            "TEXTGEN_MAX_BATCH_SIZE": "32",
+            "TEXTGEN_PREFIX_CACHING": "false",
+        }
         systems = [
             ("textgen bf16", {"TEXTGEN_DTYPE": "bfloat16"}),
             ("textgen int8", {"TEXTGEN_QUANTIZE": "int8"}),

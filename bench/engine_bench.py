@@ -44,7 +44,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     settings = Settings(
-        dtype=args.dtype, quantize=args.quantize, device="cpu", max_batch_size=args.max_batch_size
+        dtype=args.dtype,
+        quantize=args.quantize,
+        device="cpu",
+        max_batch_size=args.max_batch_size,
+        prefix_caching=False,  # as bench/bench.py's servers: one prompt for every request
     )
     info = ModelInfo("gpt2", "gpt2:bench", "random", True, 1024)
     engine = Engine(random_gpt2(), gpt2_tokenizer(), info, settings)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Makes a Docker engine and Compose usable on a Debian machine with no image registry:
-#   1. installs the Docker tools below from Debian when any is missing (needs root),
-#   2. starts dockerd when no engine answers,
-#   3. builds a stand-in for `python:3.11-slim` from the machine's own apt mirror
-#      (read from its apt sources), trusting the machine's CA bundle, with uv
-#      preinstalled, and tags it `python:3.11-slim` so BentoML's generated
-#      Dockerfile finds it locally. Reused when it already exists.
-# Exit codes: 0 an engine is ready (the tools that could be installed are); 3 no Docker
-# engine can be had here (not root / not Debian).
+#   1. installs docker-compose from Debian when it is missing (needs root),
+#   2. when no engine answers: installs docker.io if docker or dockerd is missing, and
+#      starts dockerd (needs root); an engine that already answers is used as it is, and
+#      nothing that could conflict with its client (docker-ce-cli) is installed,
+#   3. when `python:3.11-slim` is not present: pulls it, or where no registry answers,
+#      builds a stand-in from the machine's own apt mirror (read from its apt sources,
+#      with debootstrap, as root), trusting the machine's CA bundle, with uv preinstalled.
+# A package apt cannot install is reported, never fatal by itself.
+# Exit codes: 0 an engine and the base image are ready (docker-compose too, when it could
+# be had); 3 no engine or base image can be had here (not root / not Debian / apt refused).
 set -euo pipefail
 
 IMAGE="python:3.11-slim"
@@ -26,29 +28,40 @@ TOOLS=(
 )
 
 engine_up() { docker info >/dev/null 2>&1; }
+is_root() { [ "$(id -u)" = 0 ]; }
 
-missing=()
-for tool in "${TOOLS[@]}"; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing $packages"
-    apt-get update -qq
-    # shellcheck disable=SC2086  # one word per package
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
-  else
-    # Not fatal by itself: an engine that already runs still serves the container tests.
-    log "missing $packages and cannot install them here (needs root on Debian)"
+# need COMMAND...: installs the TOOLS packages of the missing ones; fails (after saying why)
+# when any of them is still missing.
+need() {
+  local wanted=() command entry
+  for command in "$@"; do
+    command -v "$command" >/dev/null 2>&1 && continue
+    for entry in "${TOOLS[@]}"; do
+      [ "${entry%%:*}" = "$command" ] && wanted+=("${entry#*:}")
+    done
+  done
+  [ ${#wanted[@]} -eq 0 ] && return 0
+  local packages
+  packages=$(printf '%s\n' "${wanted[@]}" | sort -u | paste -sd ' ')
+  if ! is_root || ! command -v apt-get >/dev/null 2>&1; then
+    log "missing $packages: installing it needs root on Debian"
+    return 1
   fi
-fi
+  log "installing $packages"
+  # shellcheck disable=SC2086  # one word per package
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages; } \
+    >/tmp/textgen-apt.log 2>&1; then
+    log "apt-get could not install $packages: $(tail -3 /tmp/textgen-apt.log | tr '\n' ' ')"
+    return 1
+  fi
+  for command in "$@"; do command -v "$command" >/dev/null 2>&1 || return 1; done
+}
+
+need docker-compose || log "docker-compose stays missing: the cluster tests cannot run"
 
 if ! engine_up; then
-  if [ "$(id -u)" != 0 ]; then
-    log "dockerd is installed but not running, and starting it needs root"
-    exit 3
-  fi
+  is_root || { log "no Docker engine answers, and starting one needs root"; exit 3; }
+  need docker dockerd || { log "no Docker engine can be had: docker.io is not installed"; exit 3; }
   log "starting dockerd"
   (setsid dockerd >/tmp/textgen-dockerd.log 2>&1 &)
   for _ in $(seq 60); do engine_up && break; sleep 1; done
@@ -59,13 +72,18 @@ if docker image inspect "$IMAGE" >/dev/null 2>&1; then
   log "$IMAGE is present"
   exit 0
 fi
+if timeout 120 docker pull -q "$IMAGE" >/dev/null 2>&1; then
+  log "$IMAGE pulled"
+  exit 0
+fi
 
-# The Debian mirror this machine already uses, from its apt sources.
+# No registry: the stand-in, from the Debian mirror this machine already uses.
+is_root || { log "no registry answers for $IMAGE, and building a stand-in needs root"; exit 3; }
 mirror=$({ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
   /etc/apt/sources.list.d/*.list 2>/dev/null || true; } |
   sed -nE 's#^(URIs:|deb)[[:space:]]+(https?://[^ ]+/debian)/?([[:space:]].*)?$#\2#p' | head -1)
-[ -n "$mirror" ] || { log "no Debian mirror found in the apt sources"; exit 3; }
-command -v debootstrap >/dev/null || { log "debootstrap is missing"; exit 3; }
+[ -n "$mirror" ] || { log "no registry answers for $IMAGE, and no Debian mirror is in the apt sources"; exit 3; }
+need debootstrap || { log "no registry answers for $IMAGE, and debootstrap cannot be installed"; exit 3; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

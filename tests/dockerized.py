@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def sh(*cmd: str, env: dict[str, str] | None = None, timeout: int = 1800) -> str:
     """Runs a command in the checkout; its stdout, or an AssertionError with its output."""
-    result = subprocess.run(
+    result = subprocess.run(  # runs: -
         cmd,
         cwd=ROOT,
         env={**os.environ, "DOCKER_BUILDKIT": "0", **(env or {})},

@@ -47,6 +47,10 @@ class Cluster:
     def compose(self, *args: str) -> str:
         return sh("docker-compose", "-f", COMPOSE_FILE, "-p", self.project, *args, env=self.env)
 
+    def balancer(self) -> str:
+        """The balancer's container id (Compose 1 names it project_balancer_1, 2 with '-')."""
+        return self.compose("ps", "-q", "balancer").strip()
+
     def replicas(self) -> list[str]:
         """Container ids of the textgen service (running or not)."""
         return self.compose("ps", "-q", "textgen").split()
@@ -69,9 +73,8 @@ class Cluster:
         """HAProxy's request log, whole: its ring, read on its CLI, which listens on the
         balancer container's loopback only (deploy/haproxy/haproxy.cfg): from inside it."""
         read = 'exec 3<>/dev/tcp/127.0.0.1/9999; echo "show events requests" >&3; cat <&3'
-        balancer = f"{self.project}_balancer_1"
         out = subprocess.run(
-            ["docker", "exec", balancer, "bash", "-c", read], capture_output=True, timeout=60
+            ["docker", "exec", self.balancer(), "bash", "-c", read], capture_output=True, timeout=60
         )
         assert out.returncode == 0, out.stderr.decode(errors="replace")
         return out.stdout.decode(errors="replace")
@@ -147,10 +150,12 @@ def cluster(compose_cli, image, tmp_path_factory):
         print(f"cluster up {time.monotonic() - started:.0f}s after `docker-compose up`")
         yield c
     finally:
-        logs = subprocess.run(
-            ["docker", "logs", f"{project}_balancer_1"], capture_output=True, text=True
-        )
-        (tmp_path_factory.mktemp("cluster") / "balancer.log").write_text(logs.stdout + logs.stderr)
+        try:  # the balancer's log, kept for a failure's post-mortem, when it ever started
+            logs = subprocess.run(["docker", "logs", c.balancer()], capture_output=True, text=True)
+            kept = logs.stdout + logs.stderr
+        except AssertionError as error:
+            kept = f"no balancer: {error}"
+        (tmp_path_factory.mktemp("cluster") / "balancer.log").write_text(kept)
         subprocess.run(
             ["docker-compose", "-f", COMPOSE_FILE, "-p", project, "down", "-t", "1"],
             env={**os.environ, **env},

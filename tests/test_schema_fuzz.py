@@ -29,7 +29,7 @@ def short_context(model_store, tmp_path_factory) -> Iterator[Server]:
 def test_no_server_errors_and_responses_conform(short_context, tmp_path):
     server = short_context
     cli = Path(sys.executable).parent / "schemathesis"
-    result = subprocess.run(
+    result = subprocess.run(  # runs: schemathesis
         [
             str(cli),
             "run",

@@ -97,6 +97,7 @@ class Settings:
     max_model_len: int = 0  # positions per sequence (prompt + new tokens); 0: the model's
     memory_utilization: float = 0.9  # share of the memory left after the weights for the cache
     native_kernels: bool = True  # CPU int8 and bf16: one stream decodes with textgen/csrc's kernels
+    prefix_caching: bool = True  # a prompt's prefix already in a KV slot is not computed again
     engine_stall_seconds: float = 60.0  # work waiting this long without a step: unhealthy
     max_waiting: int = 256  # sequences queued for a batch row before 429
     max_prefill_tokens: int = 2048  # padded prompt tokens in one prefill step
@@ -141,6 +142,7 @@ class Settings:
             max_model_len=max_model_len,
             memory_utilization=_env_float("TEXTGEN_MEMORY_UTILIZATION", 0.9, 0.0, 1.0),
             native_kernels=_env_bool("TEXTGEN_NATIVE_KERNELS", True),
+            prefix_caching=_env_bool("TEXTGEN_PREFIX_CACHING", True),
             engine_stall_seconds=_env_float("TEXTGEN_ENGINE_STALL_SECONDS", 60.0, 0.0, 1e9),
             max_waiting=_env_int("TEXTGEN_MAX_WAITING", 256, 0),
             max_prefill_tokens=_env_int("TEXTGEN_MAX_PREFILL_TOKENS", 2048, 1),

@@ -121,7 +121,10 @@ class Engine:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         self.scheduler = Scheduler(
-            settings.max_batch_size, settings.max_waiting, settings.max_prefill_tokens
+            settings.max_batch_size,
+            settings.max_waiting,
+            settings.max_prefill_tokens,
+            prefix_caching=settings.prefix_caching,
         )
         self.metrics = metrics.get()
         # Positions per sequence: the model's context, or less when the settings say.
@@ -154,7 +157,7 @@ class Engine:
             raise self._startup_error
         logger.info(
             "engine ready: model=%s source=%s device=%s dtype=%s quantize=%s max_batch_size=%d "
-            "max_model_len=%d kv_cache=%.2fGiB%s",
+            "max_model_len=%d kv_cache=%.2fGiB prefix_caching=%s%s",
             info.tag,
             info.source,
             device,
@@ -163,6 +166,7 @@ class Engine:
             settings.max_batch_size,
             self.max_model_len,
             self.runner.kv_cache_bytes / 2**30,
+            settings.prefix_caching,
             " RANDOM WEIGHTS: generated text is meaningless" if info.random_weights else "",
         )
 
@@ -414,6 +418,9 @@ class Engine:
         done = self.scheduler.retire()
         admitted, dropped = self.scheduler.admit()
         self._deliver(done + dropped)  # now: whatever happens next, these clients hear
+        for seq in admitted:  # before any write: a source slot is read as it is now
+            if seq.copy_from is not None:
+                self.runner.copy_prefix(seq.copy_from, seq.slot, seq.cached_tokens)
         self.metrics.queue_depth.set(self.scheduler.num_waiting)
         self.metrics.running_batch_size.set(len(self.scheduler.running))
         fresh = set(admitted)
@@ -438,6 +445,7 @@ class Engine:
                 self.metrics.step_failures.inc()
                 for seq in admitted:
                     seq.finish(Status.FAILED, error=f"generation failed: {exc}")
+                    seq.prefilled = False  # one that finished in it leaves no prefix
                 self.runner.clear_slots([s.slot for s in admitted])
         self._deliver(self.scheduler.running)
         return bool(decoding) or any(
@@ -447,17 +455,29 @@ class Engine:
     def _prefill(self, admitted: list[Sequence]) -> None:
         scoring = [i for i, s in enumerate(admitted) if s.params.scores_prompt]
         logits, prompt_logits = self.runner.prefill(
-            [s.prompt_ids for s in admitted], [s.slot for s in admitted], scoring
+            [s.prompt_ids[s.cached_tokens :] for s in admitted],
+            [s.slot for s in admitted],
+            scoring,
+            [s.cached_tokens for s in admitted],
         )
-        self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
+        for seq in admitted:
+            seq.prefilled = True
+        prompt_tokens = sum(len(s.prompt_ids) for s in admitted)
+        cached = sum(s.cached_tokens for s in admitted)
+        self.metrics.prompt_tokens.inc(prompt_tokens - cached)
+        if self.scheduler.prefix_cache is not None:
+            self.metrics.prefix_cache_queries.inc(prompt_tokens)
+            self.metrics.prefix_cache_hits.inc(cached)
         for i, full in zip(scoring, prompt_logits, strict=True):
             seq = admitted[i]
-            try:
-                seq.prompt_logprobs = prompt_logprobs(
-                    full, seq.prompt_ids, seq.params.prompt_logprobs or 0
+            try:  # entries from `cached_tokens` on: the first (None) is the cache's
+                computed = prompt_logprobs(
+                    full, seq.prompt_ids[seq.cached_tokens :], seq.params.prompt_logprobs or 0
                 )
             except ValueError:
                 self._fail_non_finite(seq)
+                continue
+            seq.prompt_logprobs = (seq.prefix_logprobs or []) + computed[bool(seq.cached_tokens) :]
         self.sampler.admit(admitted)
         # max_new_tokens 0: the prompt is scored, nothing is generated.
         rows = []

@@ -25,6 +25,8 @@ class Metrics:
     running_batch_size: Any  # Gauge: sequences in the running batch
     rejections: Any  # Counter{cause}: invalid | unauthorized | body_too_large | overloaded
     step_failures: Any  # Counter: engine steps that failed (each failed its running sequences)
+    prefix_cache_queries: Any  # Counter: prompt tokens looked up in the prefix cache
+    prefix_cache_hits: Any  # Counter: of those, tokens found (not computed again)
 
 
 @functools.cache
@@ -65,5 +67,12 @@ def get() -> Metrics:
         step_failures=prom.Counter(
             "textgen_engine_step_failures",
             "Engine steps that failed; each failed every sequence it was running",
+        ),
+        prefix_cache_queries=prom.Counter(
+            "textgen_prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
+        ),
+        prefix_cache_hits=prom.Counter(
+            "textgen_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (their keys and values not computed again)",
         ),
     )

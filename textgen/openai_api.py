@@ -304,14 +304,20 @@ class _Request:
         self.seqs: list[Sequence] = []
         self.choices: list[_Choice] = []
         self.prompt_tokens = 0
+        self.prompt_seqs: list[Sequence] = []  # the first sequence of each prompt
 
-    def usage(self) -> dict[str, int]:
-        """Tokens of the events read so far: in a stream, up to the chunk it rides on."""
+    def usage(self) -> dict[str, Any]:
+        """Tokens of the events read so far: in a stream, up to the chunk it rides on.
+        `cached_tokens`: prompt tokens taken from the prefix cache, counted once per
+        prompt as `prompt_tokens` is (its first sequence's, known once it is admitted)."""
         completion = sum(ch.generated for ch in self.choices)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {
+                "cached_tokens": sum(seq.cached_tokens for seq in self.prompt_seqs)
+            },
         }
 
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -411,6 +417,7 @@ class _Completion(_Request):
                 )
                 self.seqs.append(engine.new_sequence(ids, params, grammar))
                 self.choices.append(_Choice(len(self.choices), prefix))
+            self.prompt_seqs.append(self.seqs[-self.best_of])
 
     def start(self, i: int) -> bool:
         """At a sequence's first event, its echoed prompt's entries come first."""
@@ -502,6 +509,7 @@ class _ChatCompletion(_Request):
             )
             self.seqs.append(engine.new_sequence(ids, params, grammar))
             self.choices.append(_Choice(j))
+        self.prompt_seqs.append(self.seqs[0])
 
     def body(self) -> dict[str, Any]:
         tokens = self.frontend.tokens

@@ -249,12 +249,26 @@ class GPT2Runner:
         else:
             self.kv_cache[:, :, torch.tensor(slots, device=self.device)] = 0
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copies the keys and values of positions 0..length-1 from slot `source` into
+        slot `target` (a prefix another sequence shares)."""
+        self.kv_cache[:, :, target, :, :length] = self.kv_cache[:, :, source, :, :length]
+
     @torch.inference_mode()
     def prefill(
-        self, prompts: list[list[int]], slots: list[int], every_position: Seq[int] = ()
+        self,
+        prompts: list[list[int]],
+        slots: list[int],
+        every_position: Seq[int] = (),
+        starts: Seq[int] = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Runs whole prompts into their slots. Returns next-token logits (n, V) float32,
-        and for each row in `every_position` the logits of all its positions, (T_i, V)."""
+        """Runs prompts into their slots. `starts[i]` (default 0): positions of row i's
+        slot that already hold its first keys and values (a cached prefix); `prompts[i]`
+        is then the rest of its prompt, at positions starts[i].. . Returns next-token
+        logits (n, V) float32, and for each row in `every_position` the logits of all the
+        positions it ran, (len(prompts[i]), V)."""
+        if any(starts):
+            return self._prefill_after(prompts, slots, every_position, list(starts))
         n = len(prompts)
         t = max(len(p) for p in prompts)
         ids = torch.zeros((n, t), dtype=torch.long)
@@ -272,6 +286,48 @@ class GPT2Runner:
             kv[0, slot_ids, :, :t] = k
             kv[1, slot_ids, :, :t] = v
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scaling)
+            x = self._finish_block(block, x, a.transpose(1, 2).reshape(n, t, self.n_embd))
+        scored = [self.lm_head(self.ln_f(x[i, : len(prompts[i])])).float() for i in every_position]
+        x = x[torch.arange(n, device=self.device), last]  # (n, C)
+        return self.lm_head(self.ln_f(x)).float(), scored
+
+    def _prefill_after(
+        self,
+        prompts: list[list[int]],
+        slots: list[int],
+        every_position: Seq[int],
+        starts: list[int],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`prefill` where some rows start after a cached prefix: row i's t_i new tokens
+        sit at positions starts[i]..starts[i]+t_i-1 and attend to its slot's positions
+        0..their own. Only real tokens write the cache (padding never does)."""
+        n = len(prompts)
+        t = max(len(p) for p in prompts)
+        lengths = torch.tensor([len(p) for p in prompts])  # (n,)
+        ids = torch.zeros((n, t), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+        start = torch.tensor(starts)[:, None]  # (n, 1)
+        positions = start + torch.arange(t)  # (n, T); padding's may pass the context
+        real = torch.arange(t) < lengths[:, None]  # (n, T)
+        write_slots = torch.tensor(slots)[:, None].expand(n, t)[real].to(self.device)  # (R,)
+        write_pos = positions[real].to(self.device)  # (R,) R = real tokens
+        attended = int((start[:, 0] + lengths).max())  # L: keys 0..L-1 of every row's slot
+        # Query at position p attends keys 0..p of its slot: (n, 1, T, L). A padding
+        # query attends from key 0 on, so no softmax row is empty (its output is dropped).
+        mask = (torch.arange(attended) <= positions[:, :, None])[:, None].to(self.device)
+        ids, slot_ids = ids.to(self.device), torch.tensor(slots, device=self.device)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # (n,)
+        x = self.wte(ids) + self.wpe(positions.clamp(max=self.n_ctx - 1).to(self.device))
+        for block, kv in zip(self.blocks, self.kv_cache, strict=True):
+            qkv = block.qkv.forward(block.ln_1(x)).to(self.cache_dtype)  # (n, T, 3C)
+            qkv = qkv.view(n, t, 3, self.n_head, self.head_dim)
+            # kv (2, S, H, T, D) indexed [:, slot, :, pos] is (R, 2, H, D)
+            kv[:, write_slots, :, write_pos] = qkv[:, :, 1:][real.to(self.device)]
+            q = qkv[:, :, 0].transpose(1, 2)  # (n, H, T, D)
+            keys = kv[0, slot_ids, :, :attended]  # (n, H, L, D)
+            values = kv[1, slot_ids, :, :attended]
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=block.scaling)
             x = self._finish_block(block, x, a.transpose(1, 2).reshape(n, t, self.n_embd))
         scored = [self.lm_head(self.ln_f(x[i, : len(prompts[i])])).float() for i in every_position]
         x = x[torch.arange(n, device=self.device), last]  # (n, C)

@@ -8,7 +8,12 @@ cache slot (`seq.slot`) from admission to retirement, and no two running
 sequences share a slot. Slots never move: `admit` takes the lowest free slot
 (so the live slots stay packed near 0 and decode attention spans few holes),
 `retire` gives a finished sequence's slot back. Nothing is copied when a
-neighbour leaves.
+neighbour leaves. With prefix caching (textgen/prefix_cache.py) `admit` takes
+instead the free slot that already holds the longest prefix of the prompt, or
+the lowest empty one, else the least recently used one (so running sequences
+may spread over the slots, and decode attends over the gaps), and may name a
+slot to copy a prefix from (`copy_from`), which the engine does before anything
+else writes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from textgen.params import SamplingParams
+from textgen.prefix_cache import Match, PrefixCache, common_prefix
 from textgen.text import Decoder, Detokenizer, StopMatcher
 
 
@@ -61,6 +67,7 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 Event = TokenEvent | FinishEvent
@@ -92,6 +99,13 @@ class Sequence:
     # One entry per prompt token when `params.prompt_logprobs` is set: written by the
     # engine thread at prefill, before the sequence's first event is delivered.
     prompt_logprobs: list[PromptLogprob] | None = None
+    # Set at admission (prefix caching): positions 0..cached_tokens-1 of the slot hold
+    # this prompt's keys and values before its prefill (copied from slot `copy_from`
+    # first, when that is not None), and, when it scores its prompt, their entries.
+    cached_tokens: int = 0
+    copy_from: int | None = None
+    prefix_logprobs: list[PromptLogprob] | None = None
+    prefilled: bool = False  # its prompt's keys and values are in its slot
     # With a constraint (`params.constraint`): its textgen.structured.GrammarMatcher, which
     # has consumed exactly `output_ids`. Advanced by the engine thread only.
     grammar: Any = None
@@ -104,6 +118,14 @@ class Sequence:
     def num_tokens(self) -> int:
         """Tokens in the KV cache once the last output token is fed back."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose keys and values are in its slot now (the last output token's are
+        written when it is fed back, at the next step)."""
+        if not self.prefilled:
+            return 0
+        return self.num_tokens - 1 if self.output_ids else len(self.prompt_ids)
 
     def append_token(
         self,
@@ -154,8 +176,20 @@ class Sequence:
             return
         self.status, self.error = status, error
         self.events.append(
-            FinishEvent(status, self.text, len(self.prompt_ids), len(self.output_ids), error)
+            FinishEvent(
+                status,
+                self.text,
+                len(self.prompt_ids),
+                len(self.output_ids),
+                error,
+                self.cached_tokens,
+            )
         )
+
+
+# A prompt sharing this many tokens more with one admitted in the same step than the
+# prefix cache holds waits one step, to take them from the cache instead of computing them.
+DEFER_SHARED_TOKENS = 16
 
 
 class QueueFull(Exception):
@@ -174,7 +208,11 @@ class Scheduler:
     """
 
     def __init__(
-        self, max_batch_size: int, max_waiting: int, max_prefill_tokens: int = 2048
+        self,
+        max_batch_size: int,
+        max_waiting: int,
+        max_prefill_tokens: int = 2048,
+        prefix_caching: bool = False,
     ) -> None:
         self.max_batch_size = max_batch_size  # KV slots, so sequences in the running batch
         self.max_waiting = max_waiting  # queued sequences beyond which submit refuses
@@ -183,6 +221,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.running: list[Sequence] = []  # in admission order; each holds its own slot
         self._free_slots = list(range(max_batch_size))  # a min-heap
+        self.prefix_cache = PrefixCache() if prefix_caching else None
         self._waiting: deque[Sequence] = deque()
         self._closed: str | None = None  # why submissions are refused, once they are
         self._lock = threading.Lock()
@@ -233,9 +272,14 @@ class Scheduler:
         """Moves waiting sequences, in arrival order, into free slots.
 
         Admits while slots are free and the prefill stays within
-        `max_prefill_tokens` (always at least one, however long its prompt), of which
-        prompts that are scored (their every position's logits, each (V,) wide: the
-        lm_head and a log-softmax per position) may take half.
+        `max_prefill_tokens` of tokens to compute (always at least one sequence,
+        however long its prompt), of which prompts that are scored (their every
+        position's logits, each (V,) wide: the lm_head and a log-softmax per position)
+        may take half. With prefix caching, a prompt that shares at least
+        DEFER_SHARED_TOKENS more with a prompt admitted in this step (one whose prefix
+        it could use) than the cache holds waits for the next step, ahead of the
+        queue, and then takes that prefix from the cache (lm-eval sends a question's
+        choices together); the sequences behind it go on being admitted.
         Returns the admitted ones (they need a prefill) and the ones cancelled
         while they waited (finished without running).
         """
@@ -245,22 +289,48 @@ class Scheduler:
             if dropped:
                 self._waiting = deque(s for s in self._waiting if not s.cancel_requested)
             longest = scored = 0
+            deferred: list[Sequence] = []
             while self._waiting and self._free_slots:
                 seq = self._waiting[0]
-                longest = max(longest, len(seq.prompt_ids))
+                cache = self.prefix_cache
+                match = None if cache is None else cache.best(seq, self.running)
+                cached = match.length if match is not None else 0
+                if admitted and cache is not None:
+                    sources = [a for a in admitted if cache.could_serve(a, seq)]
+                    shared = max(
+                        (common_prefix(seq.prompt_ids, a.prompt_ids) for a in sources), default=0
+                    )
+                    if shared - cached >= DEFER_SHARED_TOKENS:
+                        deferred.append(self._waiting.popleft())
+                        continue
+                new_tokens = len(seq.prompt_ids) - cached
+                longest = max(longest, new_tokens)
                 if seq.params.scores_prompt:
-                    scored += len(seq.prompt_ids)
+                    scored += new_tokens
                 over = (len(admitted) + 1) * longest > self.max_prefill_tokens
                 if admitted and (over or 2 * scored > self.max_prefill_tokens):
                     break
                 self._waiting.popleft()
                 seq.status = Status.RUNNING
-                seq.slot = heapq.heappop(self._free_slots)
+                self._place(seq, match)
                 self.running.append(seq)
                 admitted.append(seq)
+            self._waiting.extendleft(reversed(deferred))  # first next step, in their order
         for seq in dropped:
             seq.finish(Status.CANCELLED)
         return admitted, dropped
+
+    def _place(self, seq: Sequence, match: Match | None) -> None:
+        """Gives `seq` a free slot: the lowest, or with prefix caching the one
+        `PrefixCache.place` chooses for `match` (its prompt's longest cached prefix)."""
+        if self.prefix_cache is None:
+            seq.slot = heapq.heappop(self._free_slots)
+            return
+        seq.slot, seq.copy_from = self.prefix_cache.place(match, self._free_slots)
+        self._free_slots.remove(seq.slot)
+        heapq.heapify(self._free_slots)
+        if match is not None:
+            seq.cached_tokens, seq.prefix_logprobs = match.length, match.scored
 
     def retire(self) -> list[Sequence]:
         """Removes finished (and cancelled) sequences from the batch, freeing their slots."""
@@ -271,6 +341,8 @@ class Scheduler:
         if done:
             self.running = [seq for seq in self.running if not seq.status.finished]
             for seq in done:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.keep(seq, failed=seq.status is Status.FAILED)
                 heapq.heappush(self._free_slots, seq.slot)
                 seq.slot = -1
         return done
@@ -284,6 +356,8 @@ class Scheduler:
             seq.slot = -1
         self.running = []
         self._free_slots = list(range(self.max_batch_size))
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget()  # the engine clears every slot
         return failed
 
     def close(self, error: str) -> list[Sequence]:
