@@ -333,6 +333,13 @@ def test_warm_up_crosses_128_positions_and_reuses_a_slot(tiny_model, tokenizer):
         seen.append((max(args[1]), list(args[2])))
 
     _patch_decode(eng, record)
+    prefill, starts = eng.runner.prefill, []
+
+    def recording_prefill(prompts, slots, every_position=(), starts_=()):
+        starts.append(list(starts_))
+        return prefill(prompts, slots, every_position, starts_)
+
+    eng.runner.prefill = recording_prefill
     try:
         eng.warm_up()
         assert max(p for p, _ in seen) >= 128
@@ -340,6 +347,8 @@ def test_warm_up_crosses_128_positions_and_reuses_a_slot(tiny_model, tokenizer):
         # Both decode, the short one leaves a hole, then the reused slot 0 joins again.
         first_hole = slots.index((1,))
         assert slots[0] == (0, 1) and (0, 1) in slots[first_hole:]
+        # The reused slot held the prefix of its prompt: one prefill after a cached prefix.
+        assert starts[0] == [0, 0] and starts[-1][0] > 0
         _assert_idle(eng)
     finally:
         eng.shutdown()

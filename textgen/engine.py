@@ -261,8 +261,8 @@ class Engine:
     def warm_up(self) -> None:
         """Generations through every path before the service says ready: two sequences
         decoding together, one past 128 positions and one constrained (structured output),
-        a hole in the slots, then a reused slot. Raises if any of them did not finish
-        normally."""
+        a hole in the slots, then a reused slot (after a cached prefix, with prefix caching).
+        Raises if any of them did not finish normally."""
         started = time.perf_counter()
         prompt = self.tokenize("Warm up")
         long_tokens = min(WARM_UP_POSITIONS, self.max_model_len) - len(prompt)
@@ -279,7 +279,10 @@ class Engine:
         ]
         self.scheduler.submit(first, beyond_limit=True)
         self._wait_finished(first[:1])
-        reused = [self.new_sequence(prompt, short)]  # takes the first one's slot
+        # Takes the first one's slot: with prefix caching, as the slot holding all of its
+        # prompt's prefix (the first's prompt and output), so that one token is prefilled
+        # after a cached prefix.
+        reused = [self.new_sequence(prompt + first[0].output_ids, short)]
         self.scheduler.submit(reused, beyond_limit=True)
         self._wait_finished(first + reused)
         for seq in first + reused:

@@ -302,6 +302,8 @@ class Scheduler:
                     )
                     if shared - cached >= DEFER_SHARED_TOKENS:
                         deferred.append(self._waiting.popleft())
+                        if len(deferred) >= self.max_batch_size:  # the scan stays short
+                            break
                         continue
                 new_tokens = len(seq.prompt_ids) - cached
                 longest = max(longest, new_tokens)
