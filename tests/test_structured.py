@@ -12,6 +12,7 @@ import threading
 import time
 
 import jsonschema
+import llguidance
 import pytest
 import torch
 
@@ -25,6 +26,7 @@ from textgen.scheduler import FinishEvent, Status, TokenEvent
 from textgen.structured import (
     GrammarCompiler,
     GrammarError,
+    GrammarMatcher,
     MaskBuilder,
     unpack_bits_numpy,
     unpack_bits_torch,
@@ -338,3 +340,27 @@ def test_grammar_settings_from_the_environment(monkeypatch, raw, threads):
     assert settings.grammar_threads == threads
     assert settings.grammar_compile_seconds == 2.5
     assert settings.grammar_cache_size == 7
+
+
+def test_a_matcher_in_an_error_state_fails_its_sequence(eng, compiler):
+    """Its mask allows only EOS and llguidance's consume accepts that EOS: the engine must
+    still fail the sequence, never end it as if the output matched."""
+    broken = llguidance.LLMatcher(compiler.tokenizer, "start: x", log_level=0)  # unknown x
+    assert broken.is_error()
+    matcher = GrammarMatcher(broken)
+    assert not matcher.advance(eng.eos_token_id)
+    assert "unknown name" in matcher.error
+
+    constraint = Constraint.text("regex", "[0-9]{3}", "guided_regex")
+
+    async def with_a_broken_matcher():
+        grammar = await eng.grammar(constraint)
+        params = SamplingParams(max_new_tokens=10, constraint=constraint)
+        seq = eng.new_sequence(eng.tokenize("Digits:"), params, grammar)
+        seq.grammar = GrammarMatcher(broken.deep_copy())
+        return [e async for _, e in eng.stream([seq])]
+
+    events = run(with_a_broken_matcher())
+    assert [type(e) for e in events] == [FinishEvent]
+    assert events[0].status is Status.FAILED
+    assert events[0].error.startswith("generation failed: ") and "unknown name" in events[0].error

@@ -18,7 +18,8 @@ batch. Token histories live in per-slot tensors, updated by one scatter a step.
 
 Numerically total: a row whose model logits are not finite (NaN, +inf), or
 that is left with no candidate at all (its only finite logit is a suppressed
-EOS), fails alone (token INVALID); penalties or temperatures that overflow are
+EOS, or its grammar allows no token with a finite logit), fails alone (token
+INVALID); penalties or temperatures that overflow are
 clamped in their own row (NaN -> -inf, +inf -> the largest float). Nothing a
 row does can raise for the batch.
 """
@@ -123,10 +124,10 @@ class Sampler:
         seqs: Seq[Sequence],
         forbidden: tuple[list[int], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Penalties, logit biases, EOS and stop-token suppression, grammar masks, when any.
-        Returns the
-        processed logits (a copy, unless only suppression applies and no row reads the
-        model's own distribution for logprobs: then `logits` itself, written in place),
+        """Penalties, logit biases, EOS and stop-token suppression, grammar masks, when
+        any. Returns the processed logits (a copy, unless only suppression applies and no
+        row reads the model's own distribution for logprobs: then `logits` itself, written
+        in place),
         and for in-place suppression the rows (B,) bool whose suppressed entries were NaN
         or +inf, which the max over the row can no longer see."""
         penalized = [i for i, seq in enumerate(seqs) if seq.params.penalized]

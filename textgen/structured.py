@@ -5,8 +5,9 @@
   engine never waited), and caches grammars by constraint in an LRU bounded in entries.
 - Each constrained sequence holds a `GrammarMatcher`: a copy of its grammar's pristine
   matcher, advanced by every token the sequence generates.
-- `MaskBuilder` fills the token masks of a step's constrained rows together
-  (llguidance's batched fill, on its own thread pool) as a (C, V) bool tensor of the
+- `MaskBuilder` fills the token masks of a step's constrained rows (llguidance's
+  batched fill on its thread pool, or one after another on the engine thread) as a
+  (C, V) bool tensor of the
   forbidden tokens, which the sampler sets to -inf after penalties and logit_bias,
   greedy and sampled rows alike.
 
@@ -74,8 +75,11 @@ class GrammarMatcher:
         self.llmatcher = matcher
 
     def advance(self, token_id: int) -> bool:
-        """Consumes one generated token; False when the grammar rejects it (`error` says)."""
-        return bool(self.llmatcher.consume_token(token_id))
+        """Consumes one generated token; False when the grammar rejects it or the matcher
+        is in an error state (`error` says why). llguidance's own consume accepts EOS
+        from a matcher in an error state: that is a failure here."""
+        consumed = bool(self.llmatcher.consume_token(token_id))
+        return consumed and not self.llmatcher.is_error()
 
     @property
     def complete(self) -> bool:
