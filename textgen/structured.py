@@ -168,10 +168,11 @@ class GrammarCompiler:
     async def compile(self, constraint: Constraint) -> Grammar:
         """The compiled grammar, or GrammarError (invalid, or not compiled in time)."""
         future = self.submit(constraint)
+        waited = asyncio.wrap_future(future)
+        # Read even when nobody awaits it any more (after a timeout): no "never retrieved".
+        waited.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:  # shielded: one request's timeout must not cancel another's compile
-            return await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(future)), self.timeout_s
-            )
+            return await asyncio.wait_for(asyncio.shield(waited), self.timeout_s)
         except (TimeoutError, concurrent.futures.CancelledError):
             raise self._too_slow(constraint, future) from None
         except _Invalid as exc:
