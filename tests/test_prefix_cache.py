@@ -9,17 +9,20 @@ and running slots, with evictions, cancellations, failed steps and poisoned rows
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.conftest import hf_greedy, make_engine, run
 from tests.test_engine_core import LONG, _assert_idle, _patch_decode
 from textgen.engine import NON_FINITE_LOGITS
 from textgen.params import SamplingParams
 from textgen.prefix_cache import PrefixCache, Record, common_prefix
-from textgen.scheduler import FinishEvent, TokenEvent
+from textgen.runner import GPT2Runner
+from textgen.scheduler import FinishEvent, TokenEvent, length_groups
 
 GREEDY = SamplingParams(max_new_tokens=12)
 
@@ -399,3 +402,30 @@ def test_two_conversations_sharing_a_system_prompt_keep_their_histories(
                 expected[user] = len(history) + len(tokens) - 1
     finally:
         eng.shutdown()
+
+
+def test_rows_of_very_different_lengths_prefill_in_separate_calls(tiny_model):
+    """A cached prefix's short rest beside whole prompts: each length group runs alone,
+    and the logits come back in the rows' order, equal to each row prefilled alone."""
+    runner = GPT2Runner(copy.deepcopy(tiny_model), torch.device("cpu"), torch.float32, 8)
+    prompts = [list(range(100, 160)), [7, 8], list(range(200, 250)), [9, 10, 11]]
+    assert length_groups([len(p) for p in prompts]) == [[0, 2], [1, 3]]
+    runner.prefill([prompts[0][:20]], [5])  # row 3's cached prefix, in slot 5
+    calls = []
+    rows_alone = runner._prefill_rows
+
+    def counting(*args):
+        calls.append(len(args[0]))
+        return rows_alone(*args)
+
+    runner._prefill_rows = counting
+    logits, scored = runner.prefill(prompts, [0, 1, 2, 5], [3, 0], [0, 0, 0, 20])
+    assert calls == [2, 2]
+    runner._prefill_rows = rows_alone
+    for i, (prompt, slot, start) in enumerate(
+        zip(prompts, [0, 1, 2, 5], [0, 0, 0, 20], strict=True)
+    ):
+        alone, full = runner.prefill([prompt], [slot], [0], [start])
+        assert torch.allclose(logits[i], alone[0], atol=1e-5), i
+        if i in (3, 0):
+            assert torch.allclose(scored[[3, 0].index(i)], full[0], atol=1e-5), i

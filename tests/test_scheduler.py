@@ -13,6 +13,8 @@ from textgen.scheduler import (
     Sequence,
     Status,
     TokenEvent,
+    length_groups,
+    padded_tokens,
 )
 
 EOS = 0
@@ -163,6 +165,20 @@ def test_a_prefill_takes_at_most_its_token_budget_of_padded_prompts():
     assert s.admit()[0] == [c]  # c alone; d would make 2 x 500
     assert s.admit()[0] == [d]  # one prompt is admitted whatever its length
     assert [q.slot for q in s.running] == [0, 1, 2, 3]
+
+
+def test_short_prompts_beside_a_long_one_count_their_own_length():
+    """The runner prefills rows of very different lengths in separate calls
+    (length_groups), so two 5-token prompts cost 10 positions beside a 90-token one,
+    not 2 x 90."""
+    s = Scheduler(max_batch_size=8, max_waiting=10, max_prefill_tokens=100)
+    long, short, other = (Sequence([1] * n, SamplingParams(), Letters()) for n in (90, 5, 5))
+    s.submit([long, short, other])
+    assert padded_tokens([90, 5, 5]) == 100 and length_groups([90, 5, 5]) == [[0], [1, 2]]
+    assert s.admit()[0] == [long, short, other]
+    assert length_groups([40, 30, 20]) == [[0, 1, 2]]  # within twice: one call
+    assert length_groups([50, 10]) == [[0], [1]] and length_groups([33, 1]) == [[0], [1]]
+    assert length_groups([32, 1]) == [[0, 1]]  # too little padding to split for
 
 
 def test_scored_prompts_take_at_most_half_the_prefill_budget():

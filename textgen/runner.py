@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textgen import native
+from textgen.scheduler import length_groups
 
 GIB = 1 << 30
 
@@ -266,9 +267,40 @@ class GPT2Runner:
         slot that already hold its first keys and values (a cached prefix); `prompts[i]`
         is then the rest of its prompt, at positions starts[i].. . Returns next-token
         logits (n, V) float32, and for each row in `every_position` the logits of all the
-        positions it ran, (len(prompts[i]), V)."""
+        positions it ran, (len(prompts[i]), V).
+
+        Rows are padded to the longest in their call, so rows of very different
+        lengths (a cached prefix's short rest beside a whole new prompt) run in
+        separate calls (`length_groups`)."""
+        starts = list(starts) or [0] * len(prompts)
+        groups = length_groups([len(p) for p in prompts])
+        if len(groups) == 1:
+            return self._prefill_rows(prompts, slots, every_position, starts)
+        logits = torch.empty((len(prompts), self.vocab_size), device=self.device)
+        scored: dict[int, torch.Tensor] = {}
+        wanted = set(every_position)
+        for rows in groups:
+            every = [j for j, i in enumerate(rows) if i in wanted]
+            out, full = self._prefill_rows(
+                [prompts[i] for i in rows],
+                [slots[i] for i in rows],
+                every,
+                [starts[i] for i in rows],
+            )
+            logits[torch.tensor(rows, device=self.device)] = out
+            scored.update((rows[j], f) for j, f in zip(every, full, strict=True))
+        return logits, [scored[i] for i in every_position]
+
+    def _prefill_rows(
+        self,
+        prompts: list[list[int]],
+        slots: list[int],
+        every_position: Seq[int],
+        starts: list[int],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`prefill` in one call, every row padded to the longest."""
         if any(starts):
-            return self._prefill_after(prompts, slots, every_position, list(starts))
+            return self._prefill_after(prompts, slots, every_position, starts)
         n = len(prompts)
         t = max(len(p) for p in prompts)
         ids = torch.zeros((n, t), dtype=torch.long)

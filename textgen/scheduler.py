@@ -192,6 +192,31 @@ class Sequence:
 DEFER_SHARED_TOKENS = 16
 
 
+# A row at most half as long as its call's longest, and this many tokens shorter, goes
+# to another call: its padding would cost more than the call's fixed cost.
+MIN_PADDING_SPLIT = 32
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Row indices in groups to prefill together: by decreasing length, a new group
+    whenever a row would be padded to over twice its length (and by MIN_PADDING_SPLIT
+    tokens or more). Rows keep their order within a group."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    longest = 0
+    for i in order:
+        if not groups or (2 * lengths[i] < longest and longest - lengths[i] >= MIN_PADDING_SPLIT):
+            groups.append([])
+            longest = lengths[i]
+        groups[-1].append(i)
+    return [sorted(g) for g in groups]
+
+
+def padded_tokens(lengths: list[int]) -> int:
+    """Positions a prefill of rows of these lengths computes, padding included."""
+    return sum(len(g) * max(lengths[i] for i in g) for g in length_groups(lengths))
+
+
 class QueueFull(Exception):
     """More requests wait for admission than the scheduler accepts."""
 
@@ -216,7 +241,7 @@ class Scheduler:
     ) -> None:
         self.max_batch_size = max_batch_size  # KV slots, so sequences in the running batch
         self.max_waiting = max_waiting  # queued sequences beyond which submit refuses
-        # Padded prompt tokens one prefill may take (sequences x longest prompt);
+        # Positions one prefill step may compute, padding included (`padded_tokens`);
         # a larger prefill would stall every running stream for that long.
         self.max_prefill_tokens = max_prefill_tokens
         self.running: list[Sequence] = []  # in admission order; each holds its own slot
@@ -272,7 +297,9 @@ class Scheduler:
         """Moves waiting sequences, in arrival order, into free slots.
 
         Admits while slots are free and the prefill stays within
-        `max_prefill_tokens` of tokens to compute (always at least one sequence,
+        `max_prefill_tokens` positions to compute, padding included (`padded_tokens`:
+        the runner prefills rows of very different lengths apart; always at least one
+        sequence,
         however long its prompt), of which prompts that are scored (their every
         position's logits, each (V,) wide: the lm_head and a log-softmax per position)
         may take half. With prefix caching, a prompt that shares at least
@@ -288,7 +315,8 @@ class Scheduler:
             dropped = [seq for seq in self._waiting if seq.cancel_requested]
             if dropped:
                 self._waiting = deque(s for s in self._waiting if not s.cancel_requested)
-            longest = scored = 0
+            lengths: list[int] = []  # tokens each admitted sequence computes
+            scored = 0
             deferred: list[Sequence] = []
             while self._waiting and self._free_slots:
                 seq = self._waiting[0]
@@ -306,10 +334,10 @@ class Scheduler:
                             break
                         continue
                 new_tokens = len(seq.prompt_ids) - cached
-                longest = max(longest, new_tokens)
+                lengths.append(new_tokens)
                 if seq.params.scores_prompt:
                     scored += new_tokens
-                over = (len(admitted) + 1) * longest > self.max_prefill_tokens
+                over = padded_tokens(lengths) > self.max_prefill_tokens
                 if admitted and (over or 2 * scored > self.max_prefill_tokens):
                     break
                 self._waiting.popleft()
