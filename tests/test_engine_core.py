@@ -345,11 +345,12 @@ def test_warm_up_crosses_128_positions_and_reuses_a_slot(tiny_model, tokenizer, 
         eng.warm_up()
         assert max(p for p, _ in seen) >= 128
         slots = [tuple(s) for _, s in seen]
-        # Both decode, the short one leaves a hole, then the reused slot 0 joins again.
+        # All three decode (the third constrained), the two short ones leave holes, then
+        # the reused slot 0 joins again.
         first_hole = slots.index((1,))
-        assert slots[0] == (0, 1) and (0, 1) in slots[first_hole:]
+        assert slots[0] == (0, 1, 2) and (0, 1) in slots[first_hole:]
         # The reused slot held the prefix of its prompt: one prefill after a cached prefix.
-        assert starts[0] == [0, 0] and starts[-1][0] > 0
+        assert starts[0] == [0, 0, 0] and starts[-1][0] > 0
         _assert_idle(eng)
     finally:
         eng.shutdown()

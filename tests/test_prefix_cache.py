@@ -296,10 +296,10 @@ def test_a_prefill_failing_beside_a_decode_leaves_no_prefix_even_of_a_finished_r
     eng = make_engine(tiny_model, tokenizer, max_batch_size=4)
     choose, victims = eng.sampler.choose, []
 
-    def failing_choose(logits, seqs):
+    def failing_choose(logits, seqs, *masks):
         if any(s in victims for s in seqs):
             raise RuntimeError("boom in the sampler")
-        return choose(logits, seqs)
+        return choose(logits, seqs, *masks)
 
     eng.sampler.choose = failing_choose
     try:

@@ -95,10 +95,13 @@ def rest_of_context(engine: Engine, prompt_tokens: int) -> int:
     return max(0, min(engine.settings.max_new_tokens_limit, engine.max_model_len - prompt_tokens))
 
 
-def new_sequence(engine: Engine, request: GenerateRequest) -> Sequence:
-    """The request's sequence, or ParamError naming what is wrong."""
+async def new_sequence(engine: Engine, request: GenerateRequest) -> Sequence:
+    """The request's sequence, or ParamError naming what is wrong (a constraint that does
+    not compile, or not in time, included)."""
     params = request.to_sampling_params()
-    return engine.new_sequence(encode_prompt(engine, request.prompt, params.max_new_tokens), params)
+    prompt_ids = encode_prompt(engine, request.prompt, params.max_new_tokens)
+    grammar = await engine.grammar(params.constraint)
+    return engine.new_sequence(prompt_ids, params, grammar)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
@@ -130,7 +133,7 @@ async def generate(
         return error_response(status, message, param)
 
     try:
-        seq = new_sequence(engine, request)
+        seq = await new_sequence(engine, request)
         events = engine.stream([seq], route)
     except ParamError as exc:
         return error(400, str(exc), exc.param)
@@ -191,7 +194,7 @@ def sse(payload: dict[str, Any]) -> str:
 async def generate_stream(engine: Engine, request: GenerateRequest) -> Any:
     """POST /generate_stream: one SSE event per token, then a final event."""
     try:
-        seq = new_sequence(engine, request)
+        seq = await new_sequence(engine, request)
         events = engine.stream([seq], "/generate_stream")
     except ParamError as exc:
         return error_response(400, str(exc), exc.param)

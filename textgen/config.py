@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MIN_MODEL_LEN = 16  # shorter contexts leave no room for a prompt and its answer
+GRAMMAR_THREADS_BESIDE_ACCELERATOR = 4  # mask-filling threads when the model is not on the CPU
 DEFAULT_MODEL_TAG = "gpt2:latest"
 
 
@@ -125,6 +126,12 @@ class Settings:
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
     drain_seconds: float = 0.0  # after SIGTERM: /readyz 503 but still serving, then stop
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
+    grammar_compile_seconds: float = 5.0  # a constraint not compiled within this: 400
+    grammar_cache_size: int = 64  # compiled constraints kept (LRU)
+    # Threads filling a step's token masks together (llguidance's batched fill); 0: one
+    # mask after another on the engine thread; None: 0 when the model runs on the CPU
+    # (its threads own the cores), else GRAMMAR_THREADS_BESIDE_ACCELERATOR
+    grammar_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_slots_per_request is None:  # the one place the default is computed
@@ -179,4 +186,9 @@ class Settings:
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
             drain_seconds=_env_float("TEXTGEN_DRAIN_SECONDS", 0.0, 0.0, 3600.0, or_equal=True),
             body_timeout_seconds=_env_float("TEXTGEN_BODY_TIMEOUT_SECONDS", 30.0, 0.0, 3600.0),
+            grammar_compile_seconds=_env_float("TEXTGEN_GRAMMAR_COMPILE_SECONDS", 5.0, 0.0, 3600.0),
+            grammar_cache_size=_env_int("TEXTGEN_GRAMMAR_CACHE_SIZE", 64, 1),
+            grammar_threads=_env_int("TEXTGEN_GRAMMAR_THREADS", 0, 0)
+            if os.environ.get("TEXTGEN_GRAMMAR_THREADS", "").strip()
+            else None,  # unset: chosen by the device (the engine)
         )

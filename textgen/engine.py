@@ -37,9 +37,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textgen import metrics
-from textgen.config import Settings
+from textgen.config import GRAMMAR_THREADS_BESIDE_ACCELERATOR, Settings
 from textgen.devices import resolve_device, resolve_dtype, resolve_int8
-from textgen.params import ParamError, SamplingParams
+from textgen.params import Constraint, ParamError, SamplingParams
 from textgen.runner import GPT2Runner
 from textgen.sampling import INVALID, Sampler, prompt_logprobs
 from textgen.scheduler import (
@@ -51,6 +51,7 @@ from textgen.scheduler import (
     Sequence,
     Status,
 )
+from textgen.structured import Grammar, GrammarCompiler, MaskBuilder
 
 # A child of BentoML's logger, so `bentoml serve` shows these lines in its own format.
 logger = logging.getLogger("bentoml.textgen")
@@ -130,6 +131,14 @@ class Engine:
         # Positions per sequence: the model's context, or less when the settings say.
         self.max_model_len = min(settings.max_model_len or info.n_ctx, info.n_ctx)
         self._sinks: dict[int, _Sink] = {}  # request_id -> where its events go
+        # Structured output: constraints compile on the compiler's threads, never this
+        # engine's; the engine thread fills the masks (`masks`, built with the runner).
+        self.grammars = GrammarCompiler(
+            tokenizer,
+            self.vocab_size,
+            cache_size=settings.grammar_cache_size,
+            timeout_s=settings.grammar_compile_seconds,
+        )
         self._stopping = threading.Event()
         self._dead: str | None = None  # why the engine stopped, once it has
         self._heartbeat = time.monotonic()  # the engine loop's latest turn
@@ -180,12 +189,22 @@ class Engine:
         if prompt_tokens + max_new_tokens > self.max_model_len:
             raise ContextOverflow(prompt_tokens, max_new_tokens, self.max_model_len)
 
-    def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    async def grammar(self, constraint: Constraint | None) -> Grammar | None:
+        """The compiled constraint (None for free text), compiled off the engine thread.
+        Raises GrammarError (a ParamError) when it is invalid or not compiled in time."""
+        return None if constraint is None else await self.grammars.compile(constraint)
+
+    def new_sequence(
+        self, prompt_ids: list[int], params: SamplingParams, grammar: Grammar | None = None
+    ) -> Sequence:
         """One request's sequence; sampling without a seed gets a random one (`seq.params.seed`
         reports it back to the client). Raises ContextOverflow when it would not fit, and
-        ParamError for what only the engine can check (token ids, logprobs bounds)."""
+        ParamError for what only the engine can check (token ids, logprobs bounds).
+        A constrained request passes its compiled constraint (`grammar`)."""
         if not prompt_ids:
             raise ValueError("a sequence needs at least one prompt token")
+        if (grammar.constraint if grammar else None) != params.constraint:
+            raise ValueError("a constrained sequence needs its compiled constraint")
         self.check_params(params)
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         rng = None
@@ -193,7 +212,10 @@ class Engine:
             if params.seed is None:
                 params = replace(params, seed=random.randrange(2**31))
             rng = random.Random(params.seed)
-        return Sequence(prompt_ids, params, self.tokenizer, rng)
+        seq = Sequence(prompt_ids, params, self.tokenizer, rng)
+        if grammar is not None:
+            seq.grammar = grammar.matcher()
+        return seq
 
     def check_params(self, params: SamplingParams) -> None:
         """Raises ParamError for bounds set by the model and the settings."""
@@ -239,16 +261,24 @@ class Engine:
 
     def warm_up(self) -> None:
         """Generations through every path before the service says ready: two sequences
-        decoding together, one past 128 positions, a hole in the slots, then a reused slot
-        (after a cached prefix, with prefix caching).
+        decoding together, one past 128 positions and one constrained (structured output),
+        a hole in the slots, then a reused slot (after a cached prefix, with prefix caching).
         Raises if any of them did not finish normally."""
         started = time.perf_counter()
         prompt = self.tokenize("Warm up")
         long_tokens = min(WARM_UP_POSITIONS, self.max_model_len) - len(prompt)
         short = SamplingParams(max_new_tokens=4, min_new_tokens=4)
         long = SamplingParams(max_new_tokens=long_tokens, min_new_tokens=long_tokens)
-        first = [self.new_sequence(prompt, short), self.new_sequence(prompt, long)]
-        # Two requests, admitted together whatever max_slots_per_request is.
+        # 4 tokens can't make 200 letters: it ends by length, as the others do.
+        letters = replace(short, constraint=Constraint.text("regex", "[a-z]{200}", "warm-up"))
+        self.grammars.tokenizer  # noqa: B018 (builds llguidance's vocabulary, once: ~1 s)
+        grammar = self.grammars.submit(letters.constraint).result()  # no request's limit
+        first = [
+            self.new_sequence(prompt, short),
+            self.new_sequence(prompt, long),
+            self.new_sequence(prompt, letters, grammar),
+        ]
+        # Three requests, admitted together whatever max_slots_per_request is.
         self.scheduler.submit(first, beyond_limit=True, one_request=False)
         self._wait_finished(first[:1])
         # Takes the first one's slot: with prefix caching, as the slot holding all of its
@@ -290,6 +320,7 @@ class Engine:
         self._stopping.set()
         self.scheduler.wake()
         self._thread.join(timeout=timeout)
+        self.grammars.shutdown()
 
     # -- the engine thread ------------------------------------------------------
 
@@ -313,6 +344,10 @@ class Engine:
                 self.eos_token_id,
                 max_tokens=self.max_model_len,
             )
+            threads = self.settings.grammar_threads
+            if threads is None:
+                threads = 0 if device.type == "cpu" else GRAMMAR_THREADS_BESIDE_ACCELERATOR
+            self.masks = MaskBuilder(self.runner.vocab_size, self.settings.max_batch_size, threads)
         except BaseException as exc:
             self._startup_error = exc
             return
@@ -470,12 +505,23 @@ class Engine:
         self.runner.clear_slots([seq.slot])
 
     def _append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        choices = self.sampler.choose(logits, seqs)
+        constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        forbidden = None
+        if constrained:
+            matchers = [seqs[i].grammar for i in constrained]
+            forbidden = (constrained, self.masks.forbidden(matchers, logits.device))
+        choices = self.sampler.choose(logits, seqs, forbidden)
         now = time.perf_counter()
         generated = 0
         for seq, choice in zip(seqs, choices, strict=True):
             if choice.token_id == INVALID:
                 self._fail_non_finite(seq)
+                continue
+            grammar = seq.grammar
+            if grammar is not None and not grammar.advance(choice.token_id):
+                # Only a matcher in an error state (a limit hit mid-output) rejects the
+                # token its own mask allowed: the output would not match, so it fails.
+                seq.finish(Status.FAILED, error=f"generation failed: {grammar.error}")
                 continue
             if seq.last_token_time is None:
                 self.metrics.time_to_first_token.observe(now - seq.arrival_time)
@@ -483,7 +529,11 @@ class Engine:
                 self.metrics.inter_token_latency.observe(now - seq.last_token_time)
             seq.last_token_time = now
             seq.append_token(
-                choice.token_id, self.eos_token_id, choice.logprob, choice.top_logprobs
+                choice.token_id,
+                self.eos_token_id,
+                choice.logprob,
+                choice.top_logprobs,
+                complete=grammar is not None and grammar.complete,
             )
             generated += 1
         self.metrics.generated_tokens.inc(generated)

@@ -52,6 +52,7 @@ from textgen.openai_schemas import (
 )
 from textgen.params import ParamError, SamplingParams
 from textgen.scheduler import FinishEvent, PromptLogprob, Sequence, Status, TokenEvent
+from textgen.structured import Grammar
 from textgen.text import TokenTable
 
 logger = logging.getLogger("bentoml.textgen")
@@ -401,7 +402,10 @@ class _Completion(_Request):
     object_name = "text_completion"
     id_prefix = "cmpl"
 
-    def __init__(self, req: CompletionRequest, frontend: Frontend) -> None:
+    def __init__(
+        self, req: CompletionRequest, frontend: Frontend, grammar: Grammar | None = None
+    ) -> None:
+        """`grammar`: the request's constraint, compiled (`Engine.grammar`)."""
         super().__init__(req, frontend)
         engine = self.engine
         prompts = req.prompts
@@ -465,8 +469,9 @@ class _Completion(_Request):
                     logprobs=logprobs,
                     prompt_logprobs=req.logprobs if self.scoring else None,
                     logit_bias=logit_bias,
+                    constraint=grammar and grammar.constraint,
                 )
-                self.seqs.append(engine.new_sequence(ids, params))
+                self.seqs.append(engine.new_sequence(ids, params, grammar))
                 self.choices.append(_Choice(len(self.choices), prefix))
             self.prompt_seqs.append(self.seqs[-self.best_of])
         entries.check()
@@ -533,8 +538,15 @@ class _ChatCompletion(_Request):
     object_name = "chat.completion"
     id_prefix = "chatcmpl"
 
-    def __init__(self, req: ChatCompletionRequest, frontend: Frontend, prompt: str) -> None:
-        """`prompt`: the messages through the chat template (`render_chat`)."""
+    def __init__(
+        self,
+        req: ChatCompletionRequest,
+        frontend: Frontend,
+        prompt: str,
+        grammar: Grammar | None = None,
+    ) -> None:
+        """`prompt`: the messages through the chat template (`render_chat`); `grammar`: the
+        request's constraint, compiled (`Engine.grammar`)."""
         super().__init__(req, frontend)
         engine = self.engine
         ids = prompt_ids(engine, prompt, "messages")
@@ -550,8 +562,15 @@ class _ChatCompletion(_Request):
         entries.check()
         logit_bias = _logit_bias(req.logit_bias)
         for j in range(req.n):
-            params = _sampling_params(req, budget, j, logprobs=logprobs, logit_bias=logit_bias)
-            self.seqs.append(engine.new_sequence(ids, params))
+            params = _sampling_params(
+                req,
+                budget,
+                j,
+                logprobs=logprobs,
+                logit_bias=logit_bias,
+                constraint=grammar and grammar.constraint,
+            )
+            self.seqs.append(engine.new_sequence(ids, params, grammar))
             self.choices.append(_Choice(j))
         self.prompt_seqs.append(self.seqs[0])
 
@@ -662,7 +681,8 @@ async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
 
 
 async def _completion(req: CompletionRequest, frontend: Frontend, request: Request) -> _Request:
-    return _Completion(req, frontend)
+    grammar = await frontend.engine.grammar(req.constraint())
+    return _Completion(req, frontend, grammar)
 
 
 async def _chat_completion(
@@ -681,7 +701,8 @@ async def _chat_completion(
                 "top_logprobs",
             )
     prompt = await render_chat(frontend, req.messages, req, request)
-    return _ChatCompletion(req, frontend, prompt)
+    grammar = await frontend.engine.grammar(req.constraint())
+    return _ChatCompletion(req, frontend, prompt, grammar)
 
 
 async def _generate(

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from textgen.errors import OpenAIError
 from textgen.openapi30 import OpenAPI30Schema
+from textgen.params import Constraint, one_constraint
 
 MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit on logit_bias entries
 
@@ -34,6 +35,38 @@ Texts = Annotated[list[str], _first_error_only()]
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage in every chunk
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    # "schema" is a BaseModel attribute; the wire name is an alias
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return Constraint.json_schema({"type": "object"}, "response_format")
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise OpenAIError(
+                    400,
+                    "response_format.json_schema.schema is required with type json_schema",
+                    "response_format",
+                )
+            return Constraint.json_schema(self.json_schema.schema_, "response_format")
+        return None
 
 
 class _Sampling(OpenAPI30Schema, BaseModel):
@@ -61,6 +94,12 @@ class _Sampling(OpenAPI30Schema, BaseModel):
     ignore_eos: bool = False
     stop_token_ids: TokenIds | None = None
     include_stop_str_in_output: bool = False
+    # Structured output (at most one): OpenAI's, then vLLM's
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Texts | None = None
+    guided_grammar: str | None = None  # Lark, or GBNF (llama.cpp's)
 
     @model_validator(mode="before")
     @classmethod
@@ -77,6 +116,26 @@ class _Sampling(OpenAPI30Schema, BaseModel):
     @property
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+    def constraint(self) -> Constraint | None:
+        """The one output constraint, if any (ParamError for more than one, or a bad one)."""
+        rf = self.response_format
+        named = {
+            "response_format": None if rf is None else rf.constraint(),
+            "guided_json": None
+            if self.guided_json is None
+            else Constraint.json_schema(self.guided_json, "guided_json"),
+            "guided_regex": None
+            if self.guided_regex is None
+            else Constraint.text("regex", self.guided_regex, "guided_regex"),
+            "guided_choice": None
+            if self.guided_choice is None
+            else Constraint.choice(self.guided_choice, "guided_choice"),
+            "guided_grammar": None
+            if self.guided_grammar is None
+            else Constraint.text("grammar", self.guided_grammar, "guided_grammar"),
+        }
+        return one_constraint(named)
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:

@@ -7,8 +7,10 @@ check names the parameter, the limit and the value it got.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -46,6 +48,61 @@ def _require(ok: bool, param: str, message: str) -> None:
         raise ParamError(param, message)
 
 
+ConstraintKind = Literal["json", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match (structured output); compiled by textgen/structured.py.
+
+    Equal constraints compile to the same grammar: `kind` and `spec` are the cache key.
+    """
+
+    kind: ConstraintKind
+    # json: the schema as compact JSON text (its key order kept: properties come out in
+    # it); regex: the pattern; choice: a JSON list of the strings; grammar: Lark or GBNF.
+    spec: str
+    param: str = field(default="", compare=False)  # the wire field it came from, for errors
+
+    @classmethod
+    def json_schema(cls, schema: Any, param: str) -> Constraint:
+        """A JSON schema given as an object, a boolean or JSON text."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise ParamError(param, f"{param} is not valid JSON: {exc}") from None
+        if not isinstance(schema, dict | bool):
+            raise ParamError(
+                param, f"{param} must be a JSON schema object, got {type(schema).__name__}"
+            )
+        return cls("json", json.dumps(schema, separators=(",", ":"), ensure_ascii=False), param)
+
+    @classmethod
+    def choice(cls, options: list[str], param: str) -> Constraint:
+        _require(bool(options), param, f"{param} needs at least one string, got []")
+        for option in options:
+            _require(bool(option), param, f"{param} strings must be non-empty, got ''")
+            check_unicode(option, param)
+        return cls("choice", json.dumps(options, ensure_ascii=False), param)
+
+    @classmethod
+    def text(cls, kind: Literal["regex", "grammar"], text: str, param: str) -> Constraint:
+        _require(bool(text), param, f"{param} must be non-empty, got ''")
+        check_unicode(text, param)
+        return cls(kind, text, param)
+
+
+def one_constraint(named: dict[str, Constraint | None]) -> Constraint | None:
+    """The request's one constraint: ParamError naming them when it sets more than one."""
+    given = [name for name, c in named.items() if c is not None]
+    if len(given) > 1:
+        raise ParamError(
+            given[1], f"set at most one output constraint, got {len(given)}: {', '.join(given)}"
+        )
+    return named[given[0]] if given else None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 50  # tokens to generate at most; 0: only the prompt runs
@@ -70,6 +127,9 @@ class SamplingParams:
     # before it and the k most likely there (the engine bounds k, `max_logprobs`)
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # None: free text; else every token keeps the output a prefix of a match, EOS comes
+    # only where the output is a whole match, and the sequence stops once nothing can follow
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         _require(

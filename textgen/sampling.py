@@ -6,7 +6,8 @@ applies its processors and warpers:
 1. penalties, on the rows that have any: repetition (CTRL-style, over the
    prompt and the output), then presence and frequency (OpenAI, the output);
 2. each row's `logit_bias` added (OpenAI), then EOS and the row's stop token
-   ids suppressed while it is below its `min_new_tokens`;
+   ids suppressed while it is below its `min_new_tokens`, then, on constrained
+   rows (structured output), every token its grammar does not allow;
 3. greedy rows take the argmax; sampling rows divide by their temperature,
    keep their top-k, then their top-p nucleus, then drop tokens below
    min_p x the best one's probability, and draw.
@@ -17,7 +18,8 @@ batch. Token histories live in per-slot tensors, updated by one scatter a step.
 
 Numerically total: a row whose model logits are not finite (NaN, +inf), or
 that is left with no candidate at all (its only finite logit is a suppressed
-EOS), fails alone (token INVALID); penalties or temperatures that overflow are
+EOS, or its grammar allows no token with a finite logit), fails alone (token
+INVALID); penalties or temperatures that overflow are
 clamped in their own row (NaN -> -inf, +inf -> the largest float). Nothing a
 row does can raise for the batch.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from textgen.params import SamplingParams
@@ -83,10 +86,16 @@ class Sampler:
                 row[index] = torch.tensor(values, device=self.device)  # ids are distinct
 
     @torch.inference_mode()
-    def choose(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[Choice]:
-        """logits: (B, V) float32, row i for seqs[i]; the sampler may write into it. One
-        Choice per sequence."""
-        processed, bad = self._process(logits, seqs)
+    def choose(
+        self,
+        logits: torch.Tensor,
+        seqs: Seq[Sequence],
+        forbidden: tuple[list[int], torch.Tensor] | None = None,
+    ) -> list[Choice]:
+        """logits: (B, V) float32, row i for seqs[i]; the sampler may write into it.
+        `forbidden`: (rows, (C, V) bool) the tokens each constrained row's grammar does not
+        allow, mask c for row rows[c] (rows ascending). One Choice per sequence."""
+        processed, bad = self._process(logits, seqs, forbidden)
         sampling = [i for i, seq in enumerate(seqs) if seq.params.do_sample]
         if processed is logits and not sampling:  # the common greedy batch: one pass
             best, tokens = logits.max(dim=-1)  # (B,) each
@@ -110,11 +119,15 @@ class Sampler:
         return self._choices(logits, token_ids, seqs)
 
     def _process(
-        self, logits: torch.Tensor, seqs: Seq[Sequence]
+        self,
+        logits: torch.Tensor,
+        seqs: Seq[Sequence],
+        forbidden: tuple[list[int], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Penalties, logit biases, EOS and stop-token suppression, when any. Returns the
-        processed logits (a copy, unless only suppression applies and no row reads the
-        model's own distribution for logprobs: then `logits` itself, written in place),
+        """Penalties, logit biases, EOS and stop-token suppression, grammar masks, when
+        any. Returns the processed logits (a copy, unless only suppression applies and no
+        row reads the model's own distribution for logprobs: then `logits` itself, written
+        in place),
         and for in-place suppression the rows (B,) bool whose suppressed entries were NaN
         or +inf, which the max over the row can no longer see."""
         penalized = [i for i, seq in enumerate(seqs) if seq.params.penalized]
@@ -129,12 +142,17 @@ class Sampler:
                 *seq.params.stop_token_ids,
             )
         ]
-        if not penalized and not biased and not suppress:
+        if not penalized and not biased and not suppress and forbidden is None:
             return logits, None
         # Only suppression, and no row reads the model's own distribution (logprobs):
         # every request that asks for exactly n tokens, every step. Written in place: no
         # (B, V) copy, and the greedy batch keeps its one pass.
-        in_place = not penalized and not biased and all(s.params.logprobs is None for s in seqs)
+        in_place = (
+            not penalized
+            and not biased
+            and forbidden is None
+            and all(s.params.logprobs is None for s in seqs)
+        )
         processed = logits if in_place else logits.clone()
         if penalized:
             rows = torch.tensor(penalized, device=self.device)
@@ -152,6 +170,15 @@ class Sampler:
                 bad = torch.zeros(len(seqs), dtype=torch.int32, device=self.device)
                 bad = bad.index_add_(0, index[0], hidden) > 0
             processed[index[0], index[1]] = float("-inf")
+        if forbidden is not None:  # last: nothing after it can make a masked token finite
+            rows, mask = forbidden
+            if len(rows) == len(seqs):  # every row constrained: rows are 0 .. B - 1
+                _mask_out(processed, mask)
+            else:
+                index = torch.tensor(rows, device=self.device)
+                constrained = processed[index]  # (C, V) a copy
+                _mask_out(constrained, mask)
+                processed[index] = constrained
         return processed, bad
 
     def _penalize(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -323,6 +350,16 @@ def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list
     for lp, values, tops in zip(chosen, top_values.tolist(), top_ids.tolist(), strict=True):
         entries.append((lp, tuple(zip(tops, values, strict=True))))
     return entries
+
+
+def _mask_out(x: torch.Tensor, forbidden: torch.Tensor) -> None:
+    """x[forbidden] = -inf, in place: (C, V) float, (C, V) bool on x's device. On the CPU
+    by numpy's masked copy, which is faster there than torch's masked_fill_."""
+    cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    if cpu and x.is_contiguous() and forbidden.is_contiguous():
+        np.copyto(x.numpy(), -np.inf, where=forbidden.numpy(), casting="unsafe")
+    else:
+        x.masked_fill_(forbidden, float("-inf"))
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

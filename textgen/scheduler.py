@@ -33,6 +33,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from textgen.params import SamplingParams
 from textgen.prefix_cache import Match, PrefixCache, common_prefix
@@ -114,6 +115,9 @@ class Sequence:
     copy_from: int | None = None
     prefix_logprobs: list[PromptLogprob] | None = None
     prefilled: bool = False  # its prompt's keys and values are in its slot
+    # With a constraint (`params.constraint`): its textgen.structured.GrammarMatcher, which
+    # has consumed exactly `output_ids`. Advanced by the engine thread only.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         self._detokenizer = Detokenizer(self.decoder)
@@ -138,10 +142,15 @@ class Sequence:
         eos_token_id: int | None,
         logprob: float | None = None,
         top_logprobs: tuple[tuple[int, float], ...] = (),
+        complete: bool = False,
     ) -> None:
-        """Records one generated token, decides whether to stop, queues the events."""
+        """Records one generated token, decides whether to stop, queues the events.
+        `complete`: the output now matches the sequence's constraint whole and nothing
+        can follow it, so the sequence stops (unless EOS or a stop sequence ended it)."""
         self.output_ids.append(token_id)
         piece, status = self._text_and_status(token_id, eos_token_id)
+        if status is None and complete:
+            piece, status = piece + self._drain(), Status.FINISHED_STOP
         self.text += piece
         self.events.append(TokenEvent(token_id, piece, logprob, top_logprobs))
         if status is not None:

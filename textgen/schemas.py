@@ -18,7 +18,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from textgen import jsonbody
 from textgen.openapi30 import OpenAPI30Schema
-from textgen.params import MAX_STOP_SEQUENCES, SamplingParams
+from textgen.params import MAX_STOP_SEQUENCES, Constraint, SamplingParams, one_constraint
 
 EXAMPLE_PROMPT = "Artificial Intelligence is a"
 MAX_REPORTED_ERRORS = 10  # validation errors listed in a 400; a last entry counts the rest
@@ -116,6 +116,28 @@ class GenerateRequest(OpenAPI30Schema, ValueNamingModel, IODescriptor):
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling.")
     return_full_text: bool = Field(False, description="Prepend the prompt to `generated`.")
+    # Structured output: at most one of the three.
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        description="The text is JSON matching this schema (finish_reason stop: it is whole).",
+        examples=[{"type": "object", "properties": {"answer": {"type": "string"}}}],
+    )
+    regex: str | None = Field(None, description="The text matches this regular expression.")
+    choice: list[str] | None = Field(None, description="The text is one of these strings.")
+
+    def constraint(self) -> Constraint | None:
+        """The one output constraint, if any (ParamError for more than one, or a bad one)."""
+        return one_constraint(
+            {
+                "json_schema": None
+                if self.json_schema is None
+                else Constraint.json_schema(self.json_schema, "json_schema"),
+                "regex": None
+                if self.regex is None
+                else Constraint.text("regex", self.regex, "regex"),
+                "choice": None if self.choice is None else Constraint.choice(self.choice, "choice"),
+            }
+        )
 
     def to_sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -129,6 +151,7 @@ class GenerateRequest(OpenAPI30Schema, ValueNamingModel, IODescriptor):
             repetition_penalty=self.repetition_penalty,
             stop=tuple(self.stop),
             seed=self.seed,
+            constraint=self.constraint(),
         )
 
 

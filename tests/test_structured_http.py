@@ -1,0 +1,376 @@
+"""Structured output through the HTTP door: a real `bentoml serve`, the tiny random model.
+
+Every output that ends with finish_reason stop must parse and validate against its schema
+(`jsonschema`), greedy and sampled; the bounded schemas below must all end within 200
+tokens. The `openai` client's `parse` and LangChain's `with_structured_output` return
+parsed objects. Bad constraints and two constraints are 400s naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
+
+MAX_TOKENS = 200
+SAMPLED_SEEDS = range(4)
+# Schemas whose every value is bounded: strings by maxLength, arrays by maxItems,
+# numbers by range (and multipleOf for a number's decimals), objects by
+# additionalProperties false. They end within MAX_TOKENS whatever the model does.
+BOUNDED = {
+    "person": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "role": {"enum": ["admin", "user", "guest"]},
+            "address": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 10},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                },
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "age", "role"],
+        "additionalProperties": False,
+    },
+    "list": {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "maxItems": 4,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer", "minimum": 1, "maximum": 9999},
+                        "ok": {"type": "boolean"},
+                        "note": {"type": ["string", "null"], "maxLength": 8},
+                    },
+                    "required": ["id", "ok"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["items"],
+        "additionalProperties": False,
+    },
+    "numbers": {
+        "type": "object",
+        "properties": {
+            "x": {"type": "number", "minimum": -10, "maximum": 10, "multipleOf": 0.25},
+            "n": {"type": "integer", "minimum": -5, "maximum": 5},
+            "c": {"const": "fixed"},
+        },
+        "required": ["x", "n", "c"],
+        "additionalProperties": False,
+    },
+    "escapes": {  # values that must be escaped: quotes, backslashes, controls, non-ASCII
+        "type": "object",
+        "properties": {
+            "quoted": {"enum": ['say "hi"', "back\\slash", "new\nline\ttab", "\u00e9t\u00e9"]},
+            "fixed": {"const": 'a "b" \\ c\n'},
+            "words": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        },
+        "required": ["quoted", "fixed", "words"],
+        "additionalProperties": False,
+    },
+    "any_of": {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": 9},
+            {"enum": ["yes", "no"]},
+            {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
+        ]
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def post(server, route: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}{route}", json=body, timeout=120)
+
+
+def samplings() -> list[dict]:
+    """Greedy, then sampled with several seeds."""
+    return [{"temperature": 0}] + [{"temperature": 1.0, "seed": s} for s in SAMPLED_SEEDS]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_bounded_schemas_end_and_validate_on_both_routes(server, name):
+    schema = BOUNDED[name]
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": name, "schema": schema, "strict": True},
+    }
+    for sampling in samplings():
+        chat = post(
+            server,
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": f"Give me some {name}."}],
+                "max_tokens": MAX_TOKENS,
+                "response_format": response_format,
+                **sampling,
+            },
+        )
+        assert chat.status_code == 200, chat.text
+        assert "x-ignored-fields" not in chat.headers
+        choice = chat.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+        completion = post(
+            server,
+            "/v1/completions",
+            {
+                "prompt": f"JSON {name}:",
+                "max_tokens": MAX_TOKENS,
+                "guided_json": schema,
+                **sampling,
+            },
+        )
+        assert completion.status_code == 200, completion.text
+        choice = completion.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["text"]), schema)
+
+
+def test_json_object_is_an_object_when_it_stops(server):
+    for sampling in samplings():
+        r = post(
+            server,
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "JSON please"}],
+                "max_tokens": 64,
+                "response_format": {"type": "json_object"},
+                **sampling,
+            },
+        )
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] in ("stop", "length")
+        text = choice["message"]["content"]
+        assert text.startswith("{")
+        if choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(text), dict)
+
+
+def test_a_max_tokens_cut_ends_by_length(server):
+    r = post(
+        server,
+        "/v1/completions",
+        {"prompt": "x", "max_tokens": 3, "temperature": 0, "guided_json": BOUNDED["person"]},
+    )
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert choice["text"].startswith('{"name":"')
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "matches"),
+    [
+        ("guided_regex", r"[A-Z][a-z]{2,6}-[0-9]{2}", r"[A-Z][a-z]{2,6}-[0-9]{2}"),
+        ("guided_choice", ["red", "green", 'say "blue"'], r"red|green|say \"blue\""),
+        ("guided_grammar", 'start: "yes" | "no" | "n" DIGIT\nDIGIT: /[0-9]/', r"yes|no|n[0-9]"),
+        ("guided_grammar", 'root ::= "yes" | "no" | "n" [0-9]', r"yes|no|n[0-9]"),  # GBNF
+    ],
+)
+def test_regex_choice_and_grammar_outputs_match(server, field, value, matches):
+    for sampling in samplings():
+        r = post(
+            server,
+            "/v1/completions",
+            {"prompt": "Answer:", "max_tokens": 50, field: value, **sampling},
+        )
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        assert re.fullmatch(matches, choice["text"]), choice["text"]
+
+
+def test_native_routes_take_json_schema_regex_and_choice(server):
+    schema = BOUNDED["person"]
+    for sampling in ({}, {"do_sample": True, "seed": 5}):
+        r = post(
+            server,
+            "/generate",
+            {"prompt": "Person:", "max_new_tokens": MAX_TOKENS, "json_schema": schema, **sampling},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(r.json()["generated"]), schema)
+    r = post(server, "/generate", {"prompt": "Code:", "regex": "[0-9]{3}-[a-z]{2}"})
+    assert r.json()["finish_reason"] == "stop"
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", r.json()["generated"])
+    r = post(server, "/generate", {"prompt": "Pick:", "choice": ["left", "right"]})
+    assert r.json()["generated"] in ("left", "right")
+    stream = post(
+        server,
+        "/generate_stream",
+        {"prompt": "Person:", "max_new_tokens": MAX_TOKENS, "json_schema": schema},
+    )
+    events = [json.loads(e[len("data: ") :]) for e in stream.text.split("\n\n") if e.strip()]
+    text = "".join(e["token"]["text"] for e in events if "token" in e)
+    assert events[-1]["finish_reason"] == "stop"
+    assert events[-1]["generated_text"] == text
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_openapi_document_types_the_native_constraints(server):
+    spec = httpx.get(f"{server.url}/docs.json").json()
+    bodies = [
+        schema["properties"]
+        for schema in spec["components"]["schemas"].values()
+        if "max_new_tokens" in schema.get("properties", {})
+    ]
+    assert bodies
+    for fields in bodies:
+        assert fields["json_schema"]["type"] == "object"
+        assert fields["regex"]["type"] == "string"
+        assert fields["choice"]["type"] == "array"
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=10)
+    kind: Literal["cat", "dog", "fish"]
+    age: int = Field(ge=0, le=30)
+    vaccinated: bool
+
+
+def test_openai_parse_returns_the_pydantic_object(client):
+    for temperature in (0, 1):
+        completion = client.chat.completions.parse(
+            model="gpt2",
+            messages=[{"role": "user", "content": "Describe a pet."}],
+            response_format=Pet,
+            max_tokens=MAX_TOKENS,
+            temperature=temperature,
+            seed=7,
+        )
+        pet = completion.choices[0].message.parsed
+        assert isinstance(pet, Pet)
+        assert completion.choices[0].finish_reason == "stop"
+
+
+def test_langchain_with_structured_output_returns_the_model(server):
+    llm = ChatOpenAI(
+        base_url=f"{server.url}/v1",
+        api_key="unused",
+        model="gpt2",
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        max_retries=0,
+    )
+    pet = llm.with_structured_output(Pet).invoke("Describe a pet.")
+    assert isinstance(pet, Pet)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        ({"guided_regex": "a(b"}, "guided_regex", "guided_regex: at 1(8): invalid regex"),
+        (
+            {"guided_json": {"type": "integer", "minimum": 5, "maximum": 1}},
+            "guided_json",
+            "guided_json: Unsatisfiable schema: minimum (5) is greater than maximum (1)",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "response_format.json_schema.schema is required with type json_schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "foo"}},
+                }
+            },
+            "response_format",
+            "response_format: Invalid type: foo",
+        ),
+        ({"guided_grammar": "start: x"}, "guided_grammar", 'unknown name: "x"'),
+        ({"guided_json": "{nope"}, "guided_json", "guided_json is not valid JSON"),
+        ({"guided_choice": []}, "guided_choice", "guided_choice needs at least one string"),
+        (
+            {"guided_regex": "a", "guided_choice": ["a"]},
+            "guided_choice",
+            "set at most one output constraint, got 2: guided_regex, guided_choice",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "guided_json": {"type": "object"}},
+            "guided_json",
+            "set at most one output constraint, got 2: response_format, guided_json",
+        ),
+    ],
+)
+def test_bad_or_several_constraints_are_400s_naming_the_field(server, body, param, message):
+    for route, base in (
+        ("/v1/completions", {"prompt": "x"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ):
+        r = post(server, route, {**base, **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param
+        assert message in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"regex": "a(b"}, "regex", "regex: at 1(8): invalid regex"),
+        ({"json_schema": {"type": "foo"}}, "json_schema", "json_schema: Invalid type: foo"),
+        (
+            {"regex": "a", "choice": ["a", "b"]},
+            "choice",
+            "set at most one output constraint, got 2: regex, choice",
+        ),
+    ],
+)
+def test_native_bad_or_several_constraints_are_400s(server, body, field, message):
+    for route in ("/generate", "/generate_stream"):
+        r = post(server, route, {"prompt": "x", **body})
+        assert r.status_code == 400, r.text
+        assert message in r.json()["error"]
+        assert r.json()["detail"][0]["loc"] == [field]
+
+
+def test_free_requests_beside_constrained_ones_keep_their_greedy_text(server):
+    def free(prompt: str) -> str:
+        r = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0})
+        return r.json()["choices"][0]["text"]
+
+    def constrained(k: int) -> str:
+        body = {
+            "prompt": f"Person {k}:",
+            "max_tokens": MAX_TOKENS,
+            "temperature": 1,
+            "seed": k,
+            "guided_json": BOUNDED["list"],
+        }
+        return post(server, "/v1/completions", body).json()["choices"][0]["finish_reason"]
+
+    prompts = ["The river", "Once upon a time", "In 1999"]
+    alone = [free(p) for p in prompts]
+    with ThreadPoolExecutor(9) as pool:
+        busy = [pool.submit(constrained, k) for k in range(6)]
+        together = [pool.submit(free, p) for p in prompts]
+        assert [f.result() for f in together] == alone
+        assert all(f.result() == "stop" for f in busy)
