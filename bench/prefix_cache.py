@@ -148,7 +148,7 @@ def chat(url: str, turns: int, seed: int) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--questions", type=int, default=40)
+    parser.add_argument("--questions", type=int, default=40)  # 0: the chat workload only
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--conversations", type=int, default=3)  # the median's
     parser.add_argument("--dtype", default="float32")
@@ -174,9 +174,11 @@ def main() -> None:
         cmd = [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration"]
         proc = start([*cmd, "--port", str(args.port)], env, args.port, work / f"{caching}.log")
         try:
-            if not runs:
-                multiple_choice(url, folder, warm_up)
-            seconds, samples = multiple_choice(url, folder, task)
+            seconds, samples = float("nan"), []  # --questions 0: the chat only
+            if args.questions:
+                if not runs:
+                    multiple_choice(url, folder, warm_up)
+                seconds, samples = multiple_choice(url, folder, task)
             chats = [chat(url, args.turns, seed) for seed in range(args.conversations)]
             ttft = statistics.median(t for t, _ in chats)
             last_prompt = chats[0][1]
