@@ -102,6 +102,17 @@ def client(server):
         yield c
 
 
+REF_CHAIN = {
+    "$ref": "#/$defs/d0",
+    "$defs": {
+        f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}}
+        for i in range(1000)
+    }
+    | {"d1000": {"type": "string"}},
+}
+GBNF_CHAIN = "root ::= r0\n" + "".join(f'r{i} ::= "x{i}" | "y" r{i + 1}\n' for i in range(700))
+
+
 def post(server, route: str, body: dict) -> httpx.Response:
     return httpx.post(f"{server.url}{route}", json=body, timeout=120)
 
@@ -318,6 +329,30 @@ def test_langchain_with_structured_output_returns_the_model(server):
             "guided_json",
             "set at most one output constraint, got 2: response_format, guided_json",
         ),
+        # Hostile but valid: refused before the compiler, which crashed the worker on a
+        # long $ref chain, ran for minutes on a long GBNF chain, took ~170 MB per cached
+        # regex of nested counts, and failed mid-output past 2000 choices (500s).
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "chain", "schema": REF_CHAIN},
+                }
+            },
+            "response_format",
+            "may be at most 16384 characters",
+        ),
+        ({"guided_grammar": GBNF_CHAIN}, "guided_grammar", "may be at most 16384 characters"),
+        ({"guided_regex": "(?:a{300}){300}"}, "guided_regex", "allow 90000 repeats, more than"),
+        (
+            {"guided_choice": [f"option {i}" for i in range(2500)]},
+            "guided_choice",
+            "at most 1000 strings, got 2500",
+        ),
+        ({"guided_json": "[" * 5000}, "guided_json", "guided_json is not valid JSON"),
+        ({"guided_json": "[" * 100_000}, "guided_json", "may be at most 16384 characters"),
+        ({"guided_regex": "x{0}", "min_tokens": 1}, "min_new_tokens", "can't be combined"),
+        ({"guided_choice": ["a"], "ignore_eos": True}, "ignore_eos", "can't be combined"),
     ],
 )
 def test_bad_or_several_constraints_are_400s_naming_the_field(server, body, param, message):

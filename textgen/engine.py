@@ -270,7 +270,9 @@ class Engine:
         short = SamplingParams(max_new_tokens=4, min_new_tokens=4)
         long = SamplingParams(max_new_tokens=long_tokens, min_new_tokens=long_tokens)
         # 4 tokens can't make 200 letters: it ends by length, as the others do.
-        letters = replace(short, constraint=Constraint.text("regex", "[a-z]{200}", "warm-up"))
+        letters = replace(
+            short, min_new_tokens=0, constraint=Constraint.text("regex", "[a-z]{200}", "warm-up")
+        )
         self.grammars.tokenizer  # noqa: B018 (builds llguidance's vocabulary, once: ~1 s)
         grammar = self.grammars.submit(letters.constraint).result()  # no request's limit
         first = [

@@ -16,6 +16,13 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on one logit_bias value
 MAX_STOP_TOKEN_IDS = 64
+# Bounds on a constraint, checked before llguidance sees it: its compiler overflows the
+# stack on long rule and $ref chains (a crash, not an error), the GBNF converter is pure
+# Python, quadratic in the text, and a regex's cost per token grows with its nested
+# counted repetitions ((a{300}){300}); a choice list past 2000 strings fails mid-output.
+MAX_CONSTRAINT_CHARS = 16_384
+MAX_CHOICES = 1000
+MAX_REGEX_REPEAT = 4096  # the product of nested {n,m} bounds in a regex
 MAX_TEMPERATURE = 100.0  # beyond it every distribution is uniform to float precision
 MAX_REPETITION_PENALTY = 100.0
 # Below this a temperature is greedy decoding (as vLLM treats it): dividing by it
@@ -68,29 +75,83 @@ class Constraint:
     def json_schema(cls, schema: Any, param: str) -> Constraint:
         """A JSON schema given as an object, a boolean or JSON text."""
         if isinstance(schema, str):
+            _bounded(schema, param)
             try:
                 schema = json.loads(schema)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise ParamError(param, f"{param} is not valid JSON: {exc}") from None
         if not isinstance(schema, dict | bool):
             raise ParamError(
                 param, f"{param} must be a JSON schema object, got {type(schema).__name__}"
             )
-        return cls("json", json.dumps(schema, separators=(",", ":"), ensure_ascii=False), param)
+        try:
+            text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+        except (ValueError, RecursionError) as exc:
+            raise ParamError(param, f"{param} is not a valid JSON schema: {exc}") from None
+        return cls("json", _bounded(text, param), param)
 
     @classmethod
     def choice(cls, options: list[str], param: str) -> Constraint:
         _require(bool(options), param, f"{param} needs at least one string, got []")
+        _require(
+            len(options) <= MAX_CHOICES,
+            param,
+            f"{param} takes at most {MAX_CHOICES} strings, got {len(options)}",
+        )
         for option in options:
             _require(bool(option), param, f"{param} strings must be non-empty, got ''")
             check_unicode(option, param)
-        return cls("choice", json.dumps(options, ensure_ascii=False), param)
+        return cls("choice", _bounded(json.dumps(options, ensure_ascii=False), param), param)
 
     @classmethod
     def text(cls, kind: Literal["regex", "grammar"], text: str, param: str) -> Constraint:
         _require(bool(text), param, f"{param} must be non-empty, got ''")
         check_unicode(text, param)
-        return cls(kind, text, param)
+        if kind == "regex":
+            repeat = regex_repeat(text)
+            _require(
+                repeat <= MAX_REGEX_REPEAT,
+                param,
+                f"{param}: its nested counted repetitions allow {repeat} repeats, more than "
+                f"{MAX_REGEX_REPEAT}",
+            )
+        return cls(kind, _bounded(text, param), param)
+
+
+def _bounded(text: str, param: str) -> str:
+    _require(
+        len(text) <= MAX_CONSTRAINT_CHARS,
+        param,
+        f"{param} may be at most {MAX_CONSTRAINT_CHARS} characters, got {len(text)}",
+    )
+    return text
+
+
+def regex_repeat(pattern: str) -> int:
+    """The largest product of nested counted-repetition bounds ({n}, {n,m}) in a regex,
+    as Python's parser reads it (1 when it can't: llguidance then judges the pattern)."""
+    import re._constants as constants
+    import re._parser as parser
+
+    try:
+        tree = parser.parse(pattern)
+    except Exception:  # another dialect, or not a regex: the compiler's message says
+        return 1
+
+    def walk(items: object) -> int:
+        worst = 1
+        for op, arg in items:
+            if op in (constants.MAX_REPEAT, constants.MIN_REPEAT):
+                low, high, inner = arg
+                bound = low if high == constants.MAXREPEAT else high
+                worst = max(worst, max(bound, 1) * walk(inner))
+            elif op == constants.SUBPATTERN:
+                worst = max(worst, walk(arg[-1]))
+            elif op == constants.BRANCH:
+                worst = max(worst, *(walk(branch) for branch in arg[1]))
+        return worst
+
+    return walk(tree)
 
 
 def one_constraint(named: dict[str, Constraint | None]) -> Constraint | None:
@@ -142,6 +203,19 @@ class SamplingParams:
             "min_new_tokens",
             f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
             f"got {self.min_new_tokens}",
+        )
+        # With a constraint the grammar decides where the output may end: suppressing EOS
+        # where only EOS is allowed would leave no token to choose.
+        _require(
+            self.constraint is None or self.min_new_tokens == 0,
+            "min_new_tokens",
+            "min_new_tokens (min_tokens) can't be combined with an output constraint, got "
+            f"{self.min_new_tokens}",
+        )
+        _require(
+            self.constraint is None or not self.ignore_eos,
+            "ignore_eos",
+            "ignore_eos can't be combined with an output constraint",
         )
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)

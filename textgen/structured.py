@@ -191,12 +191,9 @@ class GrammarCompiler:
     def _too_slow(
         self, constraint: Constraint, future: concurrent.futures.Future[Grammar]
     ) -> GrammarError:
-        """A compile not done in time: dropped from the queue when it has not started (a
-        started one runs to its end, bounded by llguidance's fuel, and stays cached)."""
-        if future.cancel():
-            with self._lock:
-                if self._cache.get(constraint) is future:
-                    del self._cache[constraint]
+        """A compile not done in time. The compile itself is left to finish (and stay
+        cached): other requests may be waiting on the same future, and cancelling it would
+        cancel theirs; params.MAX_CONSTRAINT_CHARS bounds how long it takes."""
         return GrammarError(
             constraint.param,
             f"{constraint.param}: the grammar did not compile within {self.timeout_s:g} s "
