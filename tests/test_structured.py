@@ -364,3 +364,59 @@ def test_a_matcher_in_an_error_state_fails_its_sequence(eng, compiler):
     assert [type(e) for e in events] == [FinishEvent]
     assert events[0].status is Status.FAILED
     assert events[0].error.startswith("generation failed: ") and "unknown name" in events[0].error
+
+
+@pytest.mark.parametrize(
+    ("pattern", "repeats"),
+    [
+        ("(?:a{300}){300}", 90_000),
+        ("[a-z]{200}", 200),
+        (r"\d{3}-\d{4}", 4),
+        ("a*", 1),
+        (r"[a-z0-9._%+-]{1,64}@[a-z0-9.-]{1,255}\.[a-z]{2,63}", 255),  # in sequence: the max
+        # What Python's parser can't read as llguidance does: every count multiplied.
+        (r"(?:\p{L}{300}){300}", 90_000),
+        ("(?:a{ 300 }){ 300 }", 90_000),
+        ("(?:a{300}){300}+", 90_000),
+        ("a{4294967295}", 4_294_967_295),
+        ("(?:" * 600 + "(?:a{300}){300}" + ")" * 600, 90_000),
+        ("(b|" * 340 + "a" + ")" * 340, 1),  # nesting past the recursion limit: no 500
+    ],
+)
+def test_regex_repeats_are_read_as_llguidance_reads_them(pattern, repeats):
+    from textgen.params import regex_repeat
+
+    assert regex_repeat(pattern) == repeats
+
+
+@pytest.mark.parametrize(
+    ("make", "param"),
+    [
+        (
+            lambda: Constraint.text("grammar", "start: /(a{300}){300}/", "guided_grammar"),
+            "guided_grammar",
+        ),
+        (
+            lambda: Constraint.json_schema(
+                {
+                    "type": "object",
+                    "properties": {"s": {"type": "string", "pattern": "(a{300}){300}"}},
+                },
+                "guided_json",
+            ),
+            "guided_json",
+        ),
+        (
+            lambda: Constraint.json_schema(
+                {"type": "object", "patternProperties": {"(a{300}){300}": {"type": "string"}}},
+                "guided_json",
+            ),
+            "guided_json",
+        ),
+    ],
+)
+def test_regexes_inside_schemas_and_grammars_are_bounded_too(make, param):
+    with pytest.raises(ParamError) as err:
+        make()
+    assert err.value.param == param
+    assert "allow 90000 repeats, more than 4096" in str(err.value)

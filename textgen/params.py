@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -88,7 +89,9 @@ class Constraint:
             text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
         except (ValueError, RecursionError) as exc:
             raise ParamError(param, f"{param} is not a valid JSON schema: {exc}") from None
-        return cls("json", _bounded(text, param), param)
+        _bounded(text, param)
+        _check_repeats(_schema_patterns(schema), param)
+        return cls("json", text, param)
 
     @classmethod
     def choice(cls, options: list[str], param: str) -> Constraint:
@@ -107,15 +110,11 @@ class Constraint:
     def text(cls, kind: Literal["regex", "grammar"], text: str, param: str) -> Constraint:
         _require(bool(text), param, f"{param} must be non-empty, got ''")
         check_unicode(text, param)
-        if kind == "regex":
-            repeat = regex_repeat(text)
-            _require(
-                repeat <= MAX_REGEX_REPEAT,
-                param,
-                f"{param}: its nested counted repetitions allow {repeat} repeats, more than "
-                f"{MAX_REGEX_REPEAT}",
-            )
-        return cls(kind, _bounded(text, param), param)
+        _bounded(text, param)
+        # A Lark grammar's regexes sit between slashes: each one is bounded too.
+        regexes = [text] if kind == "regex" else re.findall(r"/((?:\\.|[^/\n])+)/", text)
+        _check_repeats(regexes, param)
+        return cls(kind, text, param)
 
 
 def _bounded(text: str, param: str) -> str:
@@ -127,31 +126,69 @@ def _bounded(text: str, param: str) -> str:
     return text
 
 
+def _check_repeats(patterns: list[str], param: str) -> None:
+    for pattern in patterns:
+        repeat = regex_repeat(pattern)
+        _require(
+            repeat <= MAX_REGEX_REPEAT,
+            param,
+            f"{param}: its nested counted repetitions allow {repeat} repeats, more than "
+            f"{MAX_REGEX_REPEAT}",
+        )
+
+
+def _schema_patterns(schema: Any) -> list[str]:
+    """The regexes of a JSON schema: every `pattern` and `patternProperties` key."""
+    found, stack = [], [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                found.append(node["pattern"])
+            if isinstance(node.get("patternProperties"), dict):
+                found.extend(k for k in node["patternProperties"] if isinstance(k, str))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")  # {n}, {n,}, {n,m}, spaces allowed
+_PLAIN_COUNTS = re.compile(r"(?:[^{]|\{\d+(?:,\d*)?\}|\{(?!\s*\d))*")  # no count with spaces
+
+
 def regex_repeat(pattern: str) -> int:
     """The largest product of nested counted-repetition bounds ({n}, {n,m}) in a regex,
-    as Python's parser reads it (1 when it can't: llguidance then judges the pattern)."""
+    as Python's parser reads it. Where it can't read the pattern as llguidance does (a
+    syntax Python lacks, spaces inside a count, nesting past its recursion limit, a
+    count past its range), the product of every count in the text: an upper bound."""
     import re._constants as constants
     import re._parser as parser
-
-    try:
-        tree = parser.parse(pattern)
-    except Exception:  # another dialect, or not a regex: the compiler's message says
-        return 1
 
     def walk(items: object) -> int:
         worst = 1
         for op, arg in items:
-            if op in (constants.MAX_REPEAT, constants.MIN_REPEAT):
+            if op in (constants.MAX_REPEAT, constants.MIN_REPEAT, constants.POSSESSIVE_REPEAT):
                 low, high, inner = arg
                 bound = low if high == constants.MAXREPEAT else high
                 worst = max(worst, max(bound, 1) * walk(inner))
             elif op == constants.SUBPATTERN:
                 worst = max(worst, walk(arg[-1]))
+            elif op == constants.ATOMIC_GROUP:
+                worst = max(worst, walk(arg))
             elif op == constants.BRANCH:
                 worst = max(worst, *(walk(branch) for branch in arg[1]))
         return worst
 
-    return walk(tree)
+    if _PLAIN_COUNTS.fullmatch(pattern):
+        try:
+            return walk(parser.parse(pattern))
+        except Exception:  # RecursionError and OverflowError included: the upper bound
+            pass
+    product = 1
+    for low, high in _COUNT.findall(pattern):
+        product = min(product * max(int(high or low), 1), 1 << 62)
+    return product
 
 
 def one_constraint(named: dict[str, Constraint | None]) -> Constraint | None:
