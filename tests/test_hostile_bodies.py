@@ -84,7 +84,8 @@ def test_an_unknown_field_flood_gets_a_small_400_naming_the_first_ones(server, r
     assert detail[-1]["msg"] == (
         f"body: {FLOOD_KEYS} unknown fields; the first 10 are listed "
         "(the fields are prompt, max_new_tokens, min_new_tokens, do_sample, temperature, "
-        "top_k, top_p, min_p, repetition_penalty, stop, seed, return_full_text)"
+        "top_k, top_p, min_p, repetition_penalty, stop, seed, return_full_text, json_schema, "
+        "regex, choice)"
     )
     assert server.log.stat().st_size - logged < 32_768
 
