@@ -13,8 +13,8 @@ NOTE (invariants):
   0..len(tokens)-1, all finite and written by one complete prefill or decode step.
   A slot whose occupant failed (a failed step, non-finite logits) has no record: its
   cache may be half-written or NaN.
-- A running sequence is a source for its positions below `num_computed` (which never
-  change while it runs), and one admitted in this step for those below its
+- A running sequence is a source for its positions below `num_computed` (what is
+  written there never changes while it runs), and one admitted in this step for those below its
   `cached_tokens` (copies run in admission order, before any prefill writes).
 - At least the last prompt token is always computed: its logits choose the first new
   token. A sequence that scores its prompt reuses only positions whose prompt

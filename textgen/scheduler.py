@@ -345,7 +345,9 @@ class Scheduler:
                 cache = self.prefix_cache
                 match = None if cache is None else cache.best(seq, self.running)
                 cached = match.length if match is not None else 0
-                if admitted and cache is not None:
+                # Past max_batch_size deferred in one step, the rest are admitted as they
+                # come: the scan stays short and admission goes on.
+                if admitted and cache is not None and len(deferred) < self.max_batch_size:
                     sources = [a for a in admitted if cache.could_serve(a, seq)]
                     shared = max(
                         (common_prefix(seq.prompt_ids, a.prompt_ids) for a in sources), default=0
@@ -353,8 +355,6 @@ class Scheduler:
                     if shared - cached >= DEFER_SHARED_TOKENS:
                         del self._waiting[index]
                         deferred.append(seq)
-                        if len(deferred) >= self.max_batch_size:  # the scan stays short
-                            break
                         continue
                 new_tokens = len(seq.prompt_ids) - cached
                 lengths.append(new_tokens)
