@@ -37,11 +37,6 @@ class Uniform:
         return self.u
 
 
-class Ids:
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(0x61 + i % 26) for i in ids)
-
-
 def fixed_logits() -> torch.Tensor:
     torch.manual_seed(3)
     return torch.randn(V) * 2.5  # (V,)
@@ -56,12 +51,12 @@ def frequencies(
     sampler = Sampler(N, V, torch.device("cpu"), EOS)
     seqs = []
     for slot in range(N):
-        seq = Sequence(prompt_ids, params, Ids(), Uniform((slot + 0.5) / N))
+        seq = Sequence(prompt_ids, params, Uniform((slot + 0.5) / N))
         seq.slot = slot
         seqs.append(seq)
     sampler.admit(seqs)
     choices = sampler.choose(logits.repeat(N, 1), seqs)
-    return torch.bincount(torch.tensor([c.token_id for c in choices]), minlength=V) / N
+    return torch.bincount(torch.tensor(choices[0]), minlength=V) / N
 
 
 def transformers_probs(
@@ -143,12 +138,12 @@ def test_a_seed_draws_the_same_token_alone_and_batched_on_tied_bf16_logits(mine,
 
     def pick(seed: int, neighbour: SamplingParams | None) -> int:
         sampler = Sampler(2, 50257, torch.device("cpu"), None)
-        seqs = [Sequence([1], SamplingParams(do_sample=True, **mine), Ids(), Uniform(seed / 41))]
+        seqs = [Sequence([1], SamplingParams(do_sample=True, **mine), Uniform(seed / 41))]
         if neighbour is not None:
-            seqs.append(Sequence([1], neighbour, Ids(), Uniform(0.5)))
+            seqs.append(Sequence([1], neighbour, Uniform(0.5)))
         for slot, seq in enumerate(seqs):
             seq.slot = slot
-        return sampler.choose(logits.repeat(len(seqs), 1), seqs)[0].token_id
+        return sampler.choose(logits.repeat(len(seqs), 1), seqs)[0][0]
 
     neighbour = SamplingParams(do_sample=True, **other)
     assert [pick(s, None) for s in range(40)] == [pick(s, neighbour) for s in range(40)]
@@ -177,14 +172,14 @@ def _one(params: SamplingParams, logits: torch.Tensor, output_ids=()) -> list[in
     """Chosen tokens of rows sharing one batch: row 0 under `params`, row 1 a greedy
     bystander on the same logits."""
     sampler = Sampler(2, V, torch.device("cpu"), EOS)
-    hostile = Sequence([1, 2, 3], params, Ids(), Uniform(0.37))
-    bystander = Sequence([4, 5], SamplingParams(max_new_tokens=9), Ids())
+    hostile = Sequence([1, 2, 3], params, Uniform(0.37))
+    bystander = Sequence([4, 5], SamplingParams(max_new_tokens=9))
     hostile.slot, bystander.slot = 0, 1
     sampler.admit([hostile, bystander])
     for token in output_ids:  # as the engine records them: history first, then the output
         sampler._count([token, EOS], [hostile, bystander])
         hostile.output_ids.append(token)
-    return [c.token_id for c in sampler.choose(logits.repeat(2, 1), [hostile, bystander])]
+    return sampler.choose(logits.repeat(2, 1), [hostile, bystander])[0]
 
 
 @pytest.mark.parametrize(
@@ -233,18 +228,18 @@ def test_a_temperature_below_1e_5_is_greedy():
 def test_non_finite_model_logits_mark_only_their_row_invalid():
     sampler = Sampler(3, V, torch.device("cpu"), EOS)
     seqs = [
-        Sequence([1], SamplingParams(do_sample=True, top_k=3), Ids(), Uniform(0.5)),
-        Sequence([1], SamplingParams(), Ids()),
-        Sequence([1], SamplingParams(logprobs=2), Ids()),
+        Sequence([1], SamplingParams(do_sample=True, top_k=3), Uniform(0.5)),
+        Sequence([1], SamplingParams()),
+        Sequence([1], SamplingParams(logprobs=2)),
     ]
     for slot, seq in enumerate(seqs):
         seq.slot = slot
     logits = fixed_logits().repeat(3, 1)
     logits[0, 4] = float("nan")
     logits[2, 5] = float("inf")
-    choices = sampler.choose(logits, seqs)
-    assert [c.token_id for c in choices] == [INVALID, int(fixed_logits().argmax()), INVALID]
-    assert choices[2].logprob is None
+    token_ids, logprobs = sampler.choose(logits, seqs)
+    assert token_ids == [INVALID, int(fixed_logits().argmax()), INVALID]
+    assert logprobs == {}  # row 2 asked, and failed
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -257,14 +252,14 @@ def test_a_non_finite_logit_hidden_by_suppression_still_marks_its_row_invalid(ba
         SamplingParams(max_new_tokens=9, min_new_tokens=3),
         SamplingParams(max_new_tokens=9, min_new_tokens=3, do_sample=True, top_k=3),
     ]
-    seqs = [Sequence([1], p, Ids(), Uniform(0.5)) for p in params]
+    seqs = [Sequence([1], p, Uniform(0.5)) for p in params]
     for slot, seq in enumerate(seqs):
         seq.slot = slot
     logits = fixed_logits().repeat(3, 1)
     logits[:, EOS] = 50.0  # the best token, suppressed
     logits[0, EOS] = bad
     logits[2, EOS] = bad
-    tokens = [c.token_id for c in sampler.choose(logits, seqs)]
+    tokens = sampler.choose(logits, seqs)[0]
     assert tokens[0] == INVALID and tokens[2] == INVALID
     assert tokens[1] == int(fixed_logits()[:EOS].argmax())
 

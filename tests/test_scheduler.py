@@ -8,12 +8,10 @@ from tests.conftest import make_engine
 from textgen.params import SamplingParams
 from textgen.scheduler import (
     Closed,
-    FinishEvent,
     QueueFull,
     Scheduler,
     Sequence,
     Status,
-    TokenEvent,
     length_groups,
     padded_tokens,
 )
@@ -21,15 +19,8 @@ from textgen.scheduler import (
 EOS = 0
 
 
-class Letters:
-    """id i decodes to chr(ord('a') + i - 1); id 0 is EOS and decodes to nothing."""
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(ord("a") + i - 1) for i in ids if i != EOS)
-
-
 def seq(max_new_tokens: int = 4, **params) -> Sequence:
-    return Sequence([1, 2], SamplingParams(max_new_tokens=max_new_tokens, **params), Letters())
+    return Sequence([1, 2], SamplingParams(max_new_tokens=max_new_tokens, **params))
 
 
 def step(s: Scheduler, scripted: dict[Sequence, int]) -> None:
@@ -89,7 +80,7 @@ def test_a_failed_step_leaves_an_empty_batch_with_every_slot_free():
     failed = s.fail_running("generation failed: boom")
     assert failed == [a, b, c] and s.running == []
     assert all(q.status is Status.FAILED and q.slot == -1 for q in failed)
-    assert a.events[-1].error == "generation failed: boom"
+    assert a.error == "generation failed: boom"
     admitted, _ = s.admit()
     assert [q.slot for q in admitted] == [0]  # the waiting one goes on, from slot 0
 
@@ -101,32 +92,9 @@ def test_a_closed_scheduler_fails_what_it_holds_and_refuses_new_work():
     s.admit()
     failed = s.close("the engine has shut down")
     assert failed == [a, b] and not s.has_work
-    assert [q.events[-1].error for q in failed] == ["the engine has shut down"] * 2
+    assert [q.error for q in failed] == ["the engine has shut down"] * 2
     with pytest.raises(Closed, match="the engine has shut down"):
         s.submit([seq()])
-
-
-@pytest.mark.parametrize(
-    ("params", "tokens", "status", "text"),
-    [
-        ({"max_new_tokens": 3}, [1, 2, 3], Status.FINISHED_LENGTH, "abc"),
-        ({"max_new_tokens": 5}, [1, 2, EOS], Status.FINISHED_EOS, "ab"),
-        ({"max_new_tokens": 5, "stop": ("bc",)}, [1, 2, 3], Status.FINISHED_STOP, "a"),
-        ({"max_new_tokens": 2, "stop": ("bc",)}, [1, 2], Status.FINISHED_LENGTH, "ab"),
-        ({"max_new_tokens": 3, "ignore_eos": True}, [1, EOS, 2], Status.FINISHED_LENGTH, "ab"),
-    ],
-)
-def test_finish_reasons(params, tokens, status, text):
-    q = seq(**params)
-    for t in tokens:
-        assert not q.status.finished
-        q.append_token(t, EOS)
-    assert q.status is status
-    final = q.events[-1]
-    assert isinstance(final, FinishEvent)
-    assert (final.status, final.text, final.completion_tokens) == (status, text, len(tokens))
-    shown = "".join(e.text for e in q.events if isinstance(e, TokenEvent))
-    assert shown == text
 
 
 def test_cancel_while_running_retires_at_the_next_step():
@@ -138,7 +106,6 @@ def test_cancel_while_running_retires_at_the_next_step():
     s.cancel(a)
     done = s.retire()
     assert done == [a] and a.status is Status.CANCELLED and b.slot == 1
-    assert a.events[-1].status.finish_reason == "cancelled"
     assert s.running == [b]
 
 
@@ -158,7 +125,7 @@ def test_a_prefill_takes_at_most_its_token_budget_of_padded_prompts():
     s = Scheduler(max_batch_size=8, max_waiting=10, max_prefill_tokens=100)
 
     def prompt(n: int) -> Sequence:
-        return Sequence([1] * n, SamplingParams(), Letters())
+        return Sequence([1] * n, SamplingParams())
 
     a, b, c, d = prompt(30), prompt(20), prompt(40), prompt(500)
     s.submit([a, b, c, d])
@@ -173,7 +140,7 @@ def test_short_prompts_beside_a_long_one_count_their_own_length():
     (length_groups), so two 5-token prompts cost 10 positions beside a 90-token one,
     not 2 x 90."""
     s = Scheduler(max_batch_size=8, max_waiting=10, max_prefill_tokens=100)
-    long, short, other = (Sequence([1] * n, SamplingParams(), Letters()) for n in (90, 5, 5))
+    long, short, other = (Sequence([1] * n, SamplingParams()) for n in (90, 5, 5))
     s.submit([long, short, other])
     assert padded_tokens([90, 5, 5]) == 100 and length_groups([90, 5, 5]) == [[0], [1, 2]]
     assert s.admit()[0] == [long, short, other]
@@ -186,7 +153,7 @@ def test_scored_prompts_take_at_most_half_the_prefill_budget():
     s = Scheduler(max_batch_size=8, max_waiting=10, max_prefill_tokens=100)
 
     def prompt(n: int, scored: bool) -> Sequence:
-        return Sequence([1] * n, SamplingParams(prompt_logprobs=0 if scored else None), Letters())
+        return Sequence([1] * n, SamplingParams(prompt_logprobs=0 if scored else None))
 
     a, b, c, d = prompt(20, True), prompt(20, True), prompt(20, True), prompt(20, False)
     e = prompt(80, True)
@@ -194,16 +161,6 @@ def test_scored_prompts_take_at_most_half_the_prefill_budget():
     assert s.admit()[0] == [a, b]  # with c: 60 scored positions > 50
     assert s.admit()[0] == [c, d]  # e would make 100 scored
     assert s.admit()[0] == [e]  # one prompt is admitted whatever it costs
-
-
-def test_include_stop_str_in_output_keeps_a_stop_token_text():
-    kept = seq(8, stop_token_ids=(3,), include_stop_str_in_output=True)
-    cut = seq(8, stop_token_ids=(3,))
-    for q in (kept, cut):
-        for token in (1, 2, 3):
-            q.append_token(token, EOS)
-    assert (kept.status, kept.text) == (Status.FINISHED_STOP, "abc")
-    assert (cut.status, cut.text) == (Status.FINISHED_STOP, "ab")
 
 
 def test_submit_refuses_beyond_the_waiting_limit_all_or_nothing():

@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from textgen import metrics
 from textgen.config import GRAMMAR_THREADS_BESIDE_ACCELERATOR, Settings
 from textgen.devices import resolve_device, resolve_dtype, resolve_int8
+from textgen.output import Delta, SequenceOutput, detokenizer_factory, process_step
 from textgen.params import Constraint, ParamError, SamplingParams
 from textgen.runner import GPT2Runner
 from textgen.sampling import INVALID, Sampler, prompt_logprobs
@@ -52,6 +53,7 @@ from textgen.scheduler import (
     Status,
 )
 from textgen.structured import Grammar, GrammarCompiler, MaskBuilder
+from textgen.text import TokenTable
 
 # A child of BentoML's logger, so `bentoml serve` shows these lines in its own format.
 logger = logging.getLogger("bentoml.textgen")
@@ -101,12 +103,10 @@ class ModelInfo:
 
 @dataclass
 class _Sink:
-    """Where a sequence's events go, and the route its request came by."""
+    """Where a sequence's step deltas go: its output side, on its request's event loop."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[tuple[int, Event]]
-    label: str  # the requests metric's `route` label, chosen by the API layer
-    seq: Sequence
+    output: SequenceOutput
 
 
 class Engine:
@@ -114,6 +114,8 @@ class Engine:
         self.settings = settings
         self.info = info
         self.tokenizer = tokenizer
+        self.tokens = TokenTable(tokenizer, model.config.vocab_size)
+        self._detokenizer = detokenizer_factory(tokenizer, self.tokens.visible)
         # Lengths are checked against the context by the engine: no tokenizer warning.
         tokenizer.model_max_length = int(1e30)
         self.eos_token_id: int | None = model.config.eos_token_id
@@ -212,7 +214,7 @@ class Engine:
             if params.seed is None:
                 params = replace(params, seed=random.randrange(2**31))
             rng = random.Random(params.seed)
-        seq = Sequence(prompt_ids, params, self.tokenizer, rng)
+        seq = Sequence(prompt_ids, params, rng)
         if grammar is not None:
             seq.grammar = grammar.matcher()
         return seq
@@ -248,7 +250,10 @@ class Engine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         for seq in seqs:
-            self._sinks[seq.request_id] = _Sink(loop, queue, label, seq)
+            output = SequenceOutput(
+                seq, queue, self._detokenizer(), label, self.metrics, self.scheduler.cancel
+            )
+            self._sinks[seq.request_id] = _Sink(loop, output)
         try:
             self.scheduler.submit(seqs)
         except (QueueFull, Closed) as exc:
@@ -412,7 +417,7 @@ class Engine:
             logger.error("engine stopped: %s", reason)
         self.scheduler.close(reason)  # fails what it holds; refuses what comes
         # Every client still registered, whatever path lost its events, hears now.
-        held = [sink.seq for sink in list(self._sinks.values())]
+        held = [sink.output.seq for sink in list(self._sinks.values())]
         for seq in held:
             seq.finish(Status.FAILED, error=reason)  # no-op when its finish event is pending
         self._deliver(held)
@@ -512,53 +517,58 @@ class Engine:
         if constrained:
             matchers = [seqs[i].grammar for i in constrained]
             forbidden = (constrained, self.masks.forbidden(matchers, logits.device))
-        choices = self.sampler.choose(logits, seqs, forbidden)
-        now = time.perf_counter()
-        generated = 0
-        for seq, choice in zip(seqs, choices, strict=True):
-            if choice.token_id == INVALID:
+        token_ids, logprobs = self.sampler.choose(logits, seqs, forbidden)
+        eos, generated = self.eos_token_id, 0
+        for i, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
+            if token_id == INVALID:
                 self._fail_non_finite(seq)
                 continue
             grammar = seq.grammar
-            if grammar is not None and not grammar.advance(choice.token_id):
+            if grammar is not None and not grammar.advance(token_id):
                 # Only a matcher in an error state (a limit hit mid-output) rejects the
                 # token its own mask allowed: the output would not match, so it fails.
                 seq.finish(Status.FAILED, error=f"generation failed: {grammar.error}")
                 continue
-            if seq.last_token_time is None:
-                self.metrics.time_to_first_token.observe(now - seq.arrival_time)
-            else:
-                self.metrics.inter_token_latency.observe(now - seq.last_token_time)
-            seq.last_token_time = now
-            seq.append_token(
-                choice.token_id,
-                self.eos_token_id,
-                choice.logprob,
-                choice.top_logprobs,
-                complete=grammar is not None and grammar.complete,
-            )
+            if seq.token_logprobs is not None:
+                seq.token_logprobs.append(logprobs[i])
+            seq.append_token(token_id, eos, grammar is not None and grammar.complete)
             generated += 1
         self.metrics.generated_tokens.inc(generated)
 
     def _deliver(self, seqs: list[Sequence]) -> None:
-        """Hands these sequences' new events to their event loops, one call per loop."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, int, Event]]] = {}
+        """Hands these sequences' new tokens and finishes to their event loops' output
+        side, one call per loop (textgen/output.py)."""
+        now = time.perf_counter()
+        batches: dict[asyncio.AbstractEventLoop, list[Delta]] = {}
+        sinks = self._sinks
         for seq in seqs:
-            events, seq.events = seq.events, []
-            sink = self._sinks.get(seq.request_id)
-            if sink is None or not events:
+            if seq.finish_delivered:
                 continue
-            batch = batches.setdefault(sink.loop, [])
-            batch.extend((sink.queue, seq.request_id, e) for e in events)
-            if seq.status.finished:  # its FinishEvent is in this batch: the last one
-                del self._sinks[seq.request_id]
-                try:  # a metrics failure must not cost a client its events
-                    self.metrics.requests.labels(sink.label, seq.status.finish_reason).inc()
-                except Exception:
-                    logger.exception("counting a finished request failed")
+            start, end = seq.delivered, len(seq.output_ids)
+            finished = seq.status.finished
+            if start == end and not finished:
+                continue
+            seq.delivered = end
+            sink = sinks.get(seq.request_id)
+            if finished:
+                seq.finish_delivered = True
+                sinks.pop(seq.request_id, None)
+            if sink is None:  # the engine's own (warm-up)
+                continue
+            logprobs = seq.token_logprobs
+            batches.setdefault(sink.loop, []).append(
+                (
+                    sink.output,
+                    seq.output_ids[start:end],
+                    None if logprobs is None else logprobs[start:end],
+                    seq.status if finished else None,
+                    seq.error,
+                    seq.cached_tokens,
+                )
+            )
         for loop, batch in batches.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: its clients are gone
-                loop.call_soon_threadsafe(_put_all, batch)
+                loop.call_soon_threadsafe(process_step, batch, now)
 
 
 class EventStream:
@@ -592,8 +602,3 @@ class EventStream:
         for seq in self._seqs:
             if not seq.status.finished:
                 self._scheduler.cancel(seq)
-
-
-def _put_all(batch: list[tuple[asyncio.Queue, int, Event]]) -> None:
-    for queue, request_id, event in batch:
-        queue.put_nowait((request_id, event))

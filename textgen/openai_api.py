@@ -79,7 +79,7 @@ class Frontend:
     def of(cls, engine: Engine) -> Frontend:
         return cls(
             engine,
-            TokenTable(engine.tokenizer, engine.vocab_size),
+            engine.tokens,
             ChatTemplate.for_server(engine.settings.chat_template, engine.tokenizer),
         )
 

@@ -27,13 +27,12 @@ row does can raise for the batch.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from textgen.params import SamplingParams
-from textgen.scheduler import PromptLogprob, Sequence
+from textgen.scheduler import PromptLogprob, Sequence, TopLogprobs
 
 INVALID = -1  # the token of a row whose model logits are not finite
 # Candidates taken for top-p without top-k; a row whose nucleus is wider sorts all.
@@ -41,11 +40,9 @@ NUCLEUS_GUESS = 256
 TIE_ROOM = 64  # candidates beyond top_k for ties with the k-th (bf16 logits tie often)
 
 
-@dataclass(frozen=True)
-class Choice:
-    token_id: int  # INVALID when the model's logits for the row were not finite
-    logprob: float | None  # log-probability under the model's own distribution
-    top_logprobs: tuple[tuple[int, float], ...]  # (id, logprob), best first
+# What `choose` returns: one token id per row (INVALID for a row that failed), and for
+# the rows whose sequences ask for logprobs, (logprob, top logprobs) by row.
+Choices = tuple[list[int], dict[int, tuple[float, TopLogprobs]]]
 
 
 class Sampler:
@@ -91,32 +88,31 @@ class Sampler:
         logits: torch.Tensor,
         seqs: Seq[Sequence],
         forbidden: tuple[list[int], torch.Tensor] | None = None,
-    ) -> list[Choice]:
+    ) -> Choices:
         """logits: (B, V) float32, row i for seqs[i]; the sampler may write into it.
         `forbidden`: (rows, (C, V) bool) the tokens each constrained row's grammar does not
-        allow, mask c for row rows[c] (rows ascending). One Choice per sequence."""
+        allow, mask c for row rows[c] (rows ascending)."""
         processed, bad = self._process(logits, seqs, forbidden)
         sampling = [i for i, seq in enumerate(seqs) if seq.params.do_sample]
-        if processed is logits and not sampling:  # the common greedy batch: one pass
-            best, tokens = logits.max(dim=-1)  # (B,) each
+        greedy = len(sampling) < len(seqs)  # some rows take the argmax
+        if processed is logits:  # the common batch: one pass over the logits
+            best, tokens = _max(logits, values_only=not greedy)  # (B,) each
             valid = best.isfinite()  # NaN and +inf reach the max, and so does all -inf
         else:
-            valid = logits.amax(dim=-1).isfinite()
-            if processed is not logits:  # and something is left to choose from
-                valid &= processed.amax(dim=-1) > float("-inf")
-            if len(sampling) == len(seqs):
-                tokens = self._sample(processed, list(seqs))
-            else:
-                tokens = processed.max(dim=-1).indices
-                if sampling:
-                    rows = torch.tensor(sampling, device=self.device)
-                    tokens[rows] = self._sample(processed[rows], [seqs[i] for i in sampling])
+            valid = _max(logits, values_only=True)[0].isfinite()
+            best, tokens = _max(processed, values_only=not greedy)
+            valid &= best > float("-inf")  # something is left to choose from
+        if not greedy:
+            tokens = self._sample(processed, list(seqs))
+        elif sampling:
+            rows = torch.tensor(sampling, device=self.device)
+            tokens[rows] = self._sample(processed[rows], [seqs[i] for i in sampling])
         if bad is not None:
             valid &= ~bad
         tokens = torch.where(valid, tokens, INVALID)
         token_ids: list[int] = tokens.tolist()  # the step's one host synchronisation
         self._count(token_ids, seqs)
-        return self._choices(logits, token_ids, seqs)
+        return token_ids, self._logprobs(logits, token_ids, seqs)
 
     def _process(
         self,
@@ -312,27 +308,29 @@ class Sampler:
             ones = torch.ones(len(rows), device=self.device)
             self.output_counts.index_put_((slot, token), ones, accumulate=True)
 
-    def _choices(
+    def _logprobs(
         self, logits: torch.Tensor, token_ids: list[int], seqs: Seq[Sequence]
-    ) -> list[Choice]:
+    ) -> dict[int, tuple[float, TopLogprobs]]:
+        """(logprob, top logprobs) of the chosen token under the model's own distribution,
+        by row, for the rows whose sequences ask for logprobs and did not fail."""
         wanted = [
             i for i, s in enumerate(seqs) if s.params.logprobs is not None and token_ids[i] >= 0
         ]
-        choices = [Choice(t, None, ()) for t in token_ids]
         if not wanted:
-            return choices
+            return {}
         rows = torch.tensor(wanted, device=self.device)
         logprobs = logits[rows].log_softmax(dim=-1)  # (W, V) the model's distribution
         ids = torch.tensor([token_ids[i] for i in wanted], device=self.device)
         chosen = logprobs.gather(1, ids[:, None])  # (W, 1)
         k = max(seqs[i].params.logprobs or 0 for i in wanted)
         top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0],) * 2
+        out = {}
         for i, lp, values, ids in zip(
             wanted, chosen[:, 0].tolist(), top_values.tolist(), top_ids.tolist(), strict=True
         ):
             n = seqs[i].params.logprobs or 0
-            choices[i] = Choice(token_ids[i], lp, tuple(zip(ids[:n], values[:n], strict=True)))
-        return choices
+            out[i] = (lp, tuple(zip(ids[:n], values[:n], strict=True)))
+        return out
 
 
 @torch.inference_mode()
@@ -350,6 +348,23 @@ def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int) -> list
     for lp, values, tops in zip(chosen, top_values.tolist(), top_ids.tolist(), strict=True):
         entries.append((lp, tuple(zip(tops, values, strict=True))))
     return entries
+
+
+def _max(x: torch.Tensor, values_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) -> (B,) the row maxima and (B,) their first indices (NaN counts as the
+    largest, as torch's max does); `values_only` leaves the indices empty. On the CPU by
+    numpy, whose argmax over float32 rows is vectorized and torch's max with indices
+    is not."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        a = x.numpy()
+        if values_only:
+            return torch.from_numpy(a.max(axis=-1)), torch.empty(0, dtype=torch.long)
+        index = a.argmax(axis=-1)
+        return torch.from_numpy(a[np.arange(len(a)), index]), torch.from_numpy(index)
+    if values_only:
+        return x.amax(dim=-1), torch.empty(0, dtype=torch.long, device=x.device)
+    best, index = x.max(dim=-1)
+    return best, index
 
 
 def _mask_out(x: torch.Tensor, forbidden: torch.Tensor) -> None:

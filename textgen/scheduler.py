@@ -37,7 +37,6 @@ from typing import Any
 
 from textgen.params import SamplingParams
 from textgen.prefix_cache import Match, PrefixCache, common_prefix
-from textgen.text import Decoder, Detokenizer, StopMatcher
 
 
 class Status(enum.Enum):
@@ -59,15 +58,15 @@ class Status(enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TokenEvent:
     token_id: int
     text: str  # text this token made safe to show; '' while held back
     logprob: float | None = None  # log-probability of token_id under the model
-    top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, logprob) alternatives, best first
+    top_logprobs: TopLogprobs = ()  # (id, logprob) alternatives, best first
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FinishEvent:
     status: Status
     text: str  # the whole generated text (equals the concatenated TokenEvent texts)
@@ -78,9 +77,10 @@ class FinishEvent:
 
 
 Event = TokenEvent | FinishEvent
+TopLogprobs = tuple[tuple[int, float], ...]  # (id, logprob) alternatives, best first
 # One prompt position: (logprob of the prompt's token there given the tokens before it,
 # the most likely tokens there as (id, logprob), best first). The first position has none.
-PromptLogprob = tuple[float, tuple[tuple[int, float], ...]] | None
+PromptLogprob = tuple[float, TopLogprobs] | None
 
 _ids = itertools.count()
 _groups = itertools.count()
@@ -88,23 +88,30 @@ _groups = itertools.count()
 
 @dataclass(eq=False)
 class Sequence:
-    """All state of one generation request."""
+    """The engine's state of one generated sequence: token ids, never text.
+
+    Text, stop strings and events are the output side's (textgen/output.py), which
+    reads `output_ids[delivered:]` after each step and may end a sequence early (a stop
+    string) by cancelling it.
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
-    decoder: Decoder
     rng: random.Random | None = None  # when sampling: one uniform draw per token, seeded
     request_id: int = field(default_factory=lambda: next(_ids))
     group: int = -1  # the request it belongs to: the sequences of one `submit`
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    # With `params.logprobs`: one (logprob, top logprobs) per output token.
+    token_logprobs: list[tuple[float, TopLogprobs]] | None = None
     status: Status = Status.WAITING
     slot: int = -1  # KV cache slot while running
     cancel_requested: bool = False  # set from any thread; honoured at the next step
     arrival_time: float = field(default_factory=time.perf_counter)
-    last_token_time: float | None = None  # perf_counter() of the latest token
-    events: list[Event] = field(default_factory=list)  # drained by the engine after each step
     error: str | None = None  # why it failed, once it has
+    # Written by the engine thread only: output tokens handed to the output side, and
+    # whether its finish was (once it is, nothing more is handed over).
+    delivered: int = 0
+    finish_delivered: bool = False
     # One entry per prompt token when `params.prompt_logprobs` is set: written by the
     # engine thread at prefill, before the sequence's first event is delivered.
     prompt_logprobs: list[PromptLogprob] | None = None
@@ -120,8 +127,8 @@ class Sequence:
     grammar: Any = None
 
     def __post_init__(self) -> None:
-        self._detokenizer = Detokenizer(self.decoder)
-        self._stop = StopMatcher(self.params.stop, keep=self.params.include_stop_str_in_output)
+        if self.params.logprobs is not None and self.token_logprobs is None:
+            self.token_logprobs = []
 
     @property
     def num_tokens(self) -> int:
@@ -136,64 +143,26 @@ class Sequence:
             return 0
         return self.num_tokens - 1 if self.output_ids else len(self.prompt_ids)
 
-    def append_token(
-        self,
-        token_id: int,
-        eos_token_id: int | None,
-        logprob: float | None = None,
-        top_logprobs: tuple[tuple[int, float], ...] = (),
-        complete: bool = False,
-    ) -> None:
-        """Records one generated token, decides whether to stop, queues the events.
-        `complete`: the output now matches the sequence's constraint whole and nothing
-        can follow it, so the sequence stops (unless EOS or a stop sequence ended it)."""
+    def append_token(self, token_id: int, eos_token_id: int | None, complete: bool = False) -> None:
+        """Records one generated token and decides whether the engine stops here: EOS
+        (unless ignored), a stop token id, `max_new_tokens`, or `complete` (the output
+        matches the sequence's constraint whole and nothing can follow it). Stop strings
+        are the output side's to find."""
         self.output_ids.append(token_id)
-        piece, status = self._text_and_status(token_id, eos_token_id)
-        if status is None and complete:
-            piece, status = piece + self._drain(), Status.FINISHED_STOP
-        self.text += piece
-        self.events.append(TokenEvent(token_id, piece, logprob, top_logprobs))
-        if status is not None:
-            self.finish(status)
-
-    def _text_and_status(
-        self, token_id: int, eos_token_id: int | None
-    ) -> tuple[str, Status | None]:
         params = self.params
         if token_id == eos_token_id and not params.ignore_eos:
-            return self._drain(), Status.FINISHED_EOS
-        if token_id in params.stop_token_ids:  # its text only when asked (vLLM's rule)
-            keep = params.include_stop_str_in_output
-            piece = self._stop.push(self._detokenizer.add(token_id)) if keep else ""
-            return piece + self._drain(), Status.FINISHED_STOP
-        piece = self._stop.push(self._detokenizer.add(token_id))
-        if self._stop.matched is not None:
-            return piece, Status.FINISHED_STOP
-        if len(self.output_ids) >= params.max_new_tokens:
-            piece += self._drain()
-            status = Status.FINISHED_STOP if self._stop.matched else Status.FINISHED_LENGTH
-            return piece, status
-        return piece, None
-
-    def _drain(self) -> str:
-        """Text still held by the detokenizer and the stop matcher, at the end."""
-        piece = self._stop.push(self._detokenizer.flush())
-        return piece if self._stop.matched else piece + self._stop.flush()
+            self.finish(Status.FINISHED_EOS)
+        elif token_id in params.stop_token_ids:
+            self.finish(Status.FINISHED_STOP)
+        elif len(self.output_ids) >= params.max_new_tokens:
+            self.finish(Status.FINISHED_LENGTH)
+        elif complete:
+            self.finish(Status.FINISHED_STOP)
 
     def finish(self, status: Status, error: str | None = None) -> None:
         if self.status.finished:
             return
         self.status, self.error = status, error
-        self.events.append(
-            FinishEvent(
-                status,
-                self.text,
-                len(self.prompt_ids),
-                len(self.output_ids),
-                error,
-                self.cached_tokens,
-            )
-        )
 
 
 # A prompt sharing this many tokens more with one admitted in the same step than the

@@ -1,0 +1,128 @@
+"""Host time per sequence per decode step: what the engine spends beside the model.
+
+In-process, the tiny random GPT-2 (float32), B streams of greedy requests that all
+decode for `--new-tokens` steps. Each decode step's wall time is split into
+- forward: the runner's decode (the model);
+- choose: the sampler's `choose` (its tensor work over (B, V) logits);
+- host: everything else the engine thread does in the step, over B rows.
+
+python bench/host_overhead.py --streams 256 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from textgen.config import Settings
+from textgen.engine import Engine, ModelInfo
+from textgen.models import gpt2_tokenizer, random_gpt2
+from textgen.params import SamplingParams
+
+PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a remote"
+
+
+class Timer:
+    """Wraps a bound method; adds its wall time to `spent` (seconds)."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.spent = 0.0
+        self._inner = getattr(owner, name)
+        setattr(owner, name, self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            self.spent += time.perf_counter() - started
+
+
+async def run(engine: Engine, streams: int, new_tokens: int, stream_events: bool) -> float:
+    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    prompt = engine.tokenize(PROMPT)
+
+    async def one() -> None:
+        async for _ in engine.stream([engine.new_sequence(prompt, params)]):
+            if not stream_events:
+                continue
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(streams)))
+    return streams * new_tokens / (time.perf_counter() - started)
+
+
+def measure(engine: Engine, streams: int, new_tokens: int) -> dict[str, float]:
+    """Per full-batch decode step (every stream running, none admitted): ms of each part."""
+    forward = Timer(engine.runner, "decode")
+    choose = Timer(engine.sampler, "choose")
+    steps: list[tuple[float, float, float]] = []  # (wall, forward, choose) of full steps
+    inner_step = engine.step
+
+    def step() -> bool:
+        full = len(engine.scheduler.running) == streams and not engine.scheduler.num_waiting
+        f0, c0, started = forward.spent, choose.spent, time.perf_counter()
+        try:
+            return inner_step()
+        finally:
+            if full:
+                wall = time.perf_counter() - started
+                steps.append((wall, forward.spent - f0, choose.spent - c0))
+
+    engine.step = step  # type: ignore[method-assign]
+    tps = asyncio.run(run(engine, streams, new_tokens, True))
+    engine.step = inner_step  # type: ignore[method-assign]
+    engine.runner.decode, engine.sampler.choose = forward._inner, choose._inner
+    steps = steps[1:-1]  # the first and last full steps border admission and retirement
+    wall = statistics.median(s[0] for s in steps)
+    fwd = statistics.median(s[1] for s in steps)
+    cho = statistics.median(s[2] for s in steps)
+    host = statistics.median(s[0] - s[1] - s[2] for s in steps)
+    return {
+        "tok/s": tps,
+        "steps": len(steps),
+        "step ms": wall * 1e3,
+        "forward ms": fwd * 1e3,
+        "choose ms": cho * 1e3,
+        "host ms": host * 1e3,
+        "host us/seq": host * 1e6 / streams,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[256])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per setting; the median")
+    args = parser.parse_args()
+    settings = Settings(
+        dtype="float32",
+        device="cpu",
+        max_batch_size=max(args.streams),
+        max_waiting=max(args.streams),
+        prefix_caching=False,  # one prompt for every stream: nothing to measure there
+    )
+    info = ModelInfo("gpt2", "gpt2:tiny", "random", True, 1024)
+    engine = Engine(random_gpt2(tiny=True), gpt2_tokenizer(), info, settings)
+    asyncio.run(run(engine, 2, 8, True))  # warm-up
+    print("| streams | tok/s | step ms | forward ms | choose ms | host ms | host µs/seq |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for streams in args.streams:
+        runs = [measure(engine, streams, args.new_tokens) for _ in range(args.rounds)]
+        row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(
+            f"| {streams} | {row['tok/s']:,.0f} | {row['step ms']:.2f} | {row['forward ms']:.2f} "
+            f"| {row['choose ms']:.2f} | {row['host ms']:.2f} | {row['host us/seq']:.1f} |"
+        )
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The output side: token ids to text, stop strings and events, off the engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from tests.conftest import run
+from textgen import metrics
+from textgen.output import (
+    ByteLevelDetokenizer,
+    SequenceOutput,
+    detokenizer_factory,
+    process_step,
+)
+from textgen.params import SamplingParams
+from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
+from textgen.text import Detokenizer, TokenTable
+
+EOS = 0
+
+
+class Letters:
+    """id i decodes to chr(ord('a') + i - 1); id 0 is EOS and decodes to nothing."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(ord("a") + i - 1) for i in ids if i != EOS)
+
+
+class Pipe:
+    """One sequence through both sides, one token a step, as the engine hands them over."""
+
+    def __init__(self, **params) -> None:
+        self.seq = Sequence([1, 2], SamplingParams(**params))
+        self.seq.status = Status.RUNNING
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled: list[Sequence] = []
+        self.output = SequenceOutput(
+            self.seq,
+            self.queue,
+            Detokenizer(Letters()),
+            "test",
+            metrics.get(),
+            self.cancelled.append,
+        )
+
+    def step(self, token_id: int) -> None:
+        seq = self.seq
+        seq.append_token(token_id, EOS)
+        status = seq.status if seq.status.finished else None
+        process_step([(self.output, [token_id], None, status, None, 0)], 0.0)
+
+    def events(self) -> list:
+        out = []
+        while not self.queue.empty():
+            out.append(self.queue.get_nowait()[1])
+        return out
+
+
+@pytest.mark.parametrize(
+    ("params", "tokens", "status", "text"),
+    [
+        ({"max_new_tokens": 3}, [1, 2, 3], Status.FINISHED_LENGTH, "abc"),
+        ({"max_new_tokens": 5}, [1, 2, EOS], Status.FINISHED_EOS, "ab"),
+        ({"max_new_tokens": 5, "stop": ("bc",)}, [1, 2, 3], Status.FINISHED_STOP, "a"),
+        ({"max_new_tokens": 2, "stop": ("bc",)}, [1, 2], Status.FINISHED_LENGTH, "ab"),
+        ({"max_new_tokens": 3, "ignore_eos": True}, [1, EOS, 2], Status.FINISHED_LENGTH, "ab"),
+        # A stop string in the tail held back at the last token still ends it with stop.
+        ({"max_new_tokens": 2, "stop": ("b",)}, [1, 2], Status.FINISHED_STOP, "a"),
+        (
+            {"max_new_tokens": 5, "stop": ("bc",), "include_stop_str_in_output": True},
+            [1, 2, 3],
+            Status.FINISHED_STOP,
+            "abc",
+        ),
+        ({"max_new_tokens": 8, "stop_token_ids": (3,)}, [1, 2, 3], Status.FINISHED_STOP, "ab"),
+        (
+            {"max_new_tokens": 8, "stop_token_ids": (3,), "include_stop_str_in_output": True},
+            [1, 2, 3],
+            Status.FINISHED_STOP,
+            "abc",
+        ),
+    ],
+)
+def test_finish_reasons_and_text(params, tokens, status, text):
+    pipe = Pipe(**params)
+    for t in tokens:
+        assert not pipe.output.finished
+        pipe.step(t)
+    events = pipe.events()
+    final = events[-1]
+    assert isinstance(final, FinishEvent)
+    assert (final.status, final.text, final.completion_tokens) == (status, text, len(tokens))
+    assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == text
+    assert [e.token_id for e in events if isinstance(e, TokenEvent)] == tokens
+
+
+def test_a_stop_string_cancels_the_engine_sequence_and_drops_what_it_made_after():
+    pipe = Pipe(max_new_tokens=9, stop=("bc",))
+    for t in (1, 2, 3):
+        pipe.step(t)
+    assert pipe.cancelled == [pipe.seq]  # the engine had not finished it
+    assert pipe.seq.status is Status.RUNNING
+    events = pipe.events()
+    assert events[-1] == FinishEvent(Status.FINISHED_STOP, "a", 2, 3)
+    # The engine's next token, and its cancellation, reach no one.
+    pipe.step(4)
+    pipe.seq.finish(Status.CANCELLED)
+    process_step([(pipe.output, [], None, Status.CANCELLED, None, 0)], 0.0)
+    assert pipe.events() == []
+
+
+def test_several_tokens_in_one_step_and_a_failure_after_them():
+    pipe = Pipe(max_new_tokens=9)
+    process_step([(pipe.output, [1, 2], None, Status.FAILED, "boom", 3)], 0.0)
+    events = pipe.events()
+    assert [e.text for e in events[:2]] == ["a", "b"]
+    assert events[2] == FinishEvent(Status.FAILED, "ab", 2, 2, "boom", 3)
+
+
+def test_a_failing_output_fails_only_its_own_sequence():
+    class Broken:
+        def add(self, token_id: int) -> str:
+            raise RuntimeError("no text")
+
+        def flush(self) -> str:
+            return ""
+
+    bad, good = Pipe(max_new_tokens=9), Pipe(max_new_tokens=9)
+    bad.output._detokenizer = Broken()
+    process_step(
+        [(bad.output, [1], None, None, None, 0), (good.output, [1], None, None, None, 0)], 0.0
+    )
+    (failed,) = bad.events()
+    assert failed.status is Status.FAILED and failed.error == "generation failed: no text"
+    assert bad.cancelled == [bad.seq]
+    assert [e.text for e in good.events()] == ["a"]
+
+
+def test_byte_level_detokenizer_equals_the_tokenizers_decode(tokenizer):
+    table = TokenTable(tokenizer, 50257)
+    make = detokenizer_factory(tokenizer, table.visible)
+    assert isinstance(make(), ByteLevelDetokenizer)
+    texts = ["日本語 and emoji 🤖!", "plain text, with  spaces\n\nand lines", "ü€😀" * 3]
+    cases = [tokenizer(t).input_ids for t in texts]
+    rng = random.Random(0)
+    # Random ids split characters anywhere, make invalid UTF-8, and include EOS (special).
+    cases += [[rng.randrange(50257) for _ in range(40)] + [50256, 220] for _ in range(50)]
+    cases += [[rng.choice([0xAB, 0x9E, 0xF0, 50256, 162, 250]) for _ in range(20)]]
+    for ids in cases:
+        detok = make()
+        pieces = [detok.add(i) for i in ids]
+        assert "".join(pieces) + detok.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_is_decoded_by_itself(tokenizer):
+    tokenizer.clean_up_tokenization_spaces = True
+    try:
+        assert isinstance(detokenizer_factory(tokenizer, [])(), Detokenizer)
+    finally:
+        tokenizer.clean_up_tokenization_spaces = False
+
+
+def test_the_engine_frees_a_sequence_a_stop_string_ended(engine):
+    prompt = engine.tokenize("Hello there")
+    free = engine.new_sequence(prompt, SamplingParams(max_new_tokens=12, min_new_tokens=12))
+
+    async def texts(seq) -> tuple[list[TokenEvent], FinishEvent]:
+        events = [e async for _, e in engine.stream([seq])]
+        return events[:-1], events[-1]
+
+    tokens, final = run(texts(free))
+    stop = tokens[3].text  # the 4th token's text: the first stop match is there or before
+    assert stop
+    seq = engine.new_sequence(prompt, SamplingParams(max_new_tokens=12, stop=(stop,)))
+    stopped, end = run(texts(seq))
+    cut = final.text.index(stop)
+    assert end.status is Status.FINISHED_STOP and end.text == final.text[:cut]
+    assert "".join(e.text for e in stopped) == end.text
+    assert end.completion_tokens == len(stopped) <= 4
+    for _ in range(200):  # the engine retires it at its next step
+        if seq.status.finished and seq.slot == -1:
+            break
+        run(asyncio.sleep(0.01))
+    assert seq.status is Status.CANCELLED and seq.slot == -1
