@@ -8,6 +8,8 @@ open-loop burst) in which every request gets a 200 or a 429 with `Retry-After`.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import select
 import signal
 import socket
@@ -106,3 +108,25 @@ def test_idle_connection_outlives_client_pool_expiry(server: Server) -> None:
         assert readable == [], "the server closed an idle connection within 7 s"
         sock.sendall(request)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+def test_overload_is_answered_never_dropped(tight: Server) -> None:
+    """bench/overload.py scaled down: a closed loop of clients past every limit, then an
+    open-loop burst; each request gets a 200 or a 429 with Retry-After, none is dropped,
+    and the server is ready afterwards."""
+    from bench.overload import burst, closed_loop
+
+    async def go() -> list:
+        loop = await closed_loop(tight.url, clients=48, requests=150, new_tokens=4)
+        spike = await burst(tight.url, count=200, seconds=0.5, new_tokens=4)
+        return [loop, spike]
+
+    for phase in asyncio.run(go()):
+        answers = collections.Counter(o.status for o in phase.outcomes)
+        assert set(answers) <= {200, 429}, (phase.name, answers, phase.outcomes[:3])
+        assert answers[429] > 0, (phase.name, answers)  # the limits were passed
+        assert all(o.retry_after for o in phase.outcomes if o.status == 429)
+        assert not [o for o in phase.outcomes if o.detail], phase.name
+    assert httpx.get(f"{tight.url}/readyz", timeout=30).status_code == 200
+    refused = httpx.post(f"{tight.url}/generate", json=GENERATE)  # answered again, too
+    assert refused.status_code == 200, refused.text
