@@ -5,13 +5,15 @@
 Hardware faults can't be made on demand, so this wraps `GPT2Runner.decode`,
 armed once the warm-up has passed. TEXTGEN_TEST_FAULT says which fault:
 - `decode_fails`: every decode step raises, as on a device gone bad;
-- `thread_dies_after=N`: the N-th decode ends the engine thread (SystemExit).
+- `thread_dies_after=N`: the N-th decode ends the engine thread (SystemExit);
+- `slow_decode=SECONDS`: every decode step sleeps this long first (tokens come slowly).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 from textgen.engine import Engine
@@ -31,6 +33,8 @@ def _faulty_decode(self: GPT2Runner, *args: Any) -> Any:
             raise RuntimeError("injected fault: the device is gone")
         if FAULT.startswith("thread_dies_after=") and _calls[0] == int(FAULT.split("=")[1]):
             raise SystemExit("injected fault")
+        if FAULT.startswith("slow_decode="):
+            time.sleep(float(FAULT.split("=")[1]))
     return _decode(self, *args)
 
 

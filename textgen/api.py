@@ -15,6 +15,7 @@ from bentoml import Context
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from textgen import coalesce
 from textgen.engine import (
     ContextOverflow,
     Engine,
@@ -208,11 +209,16 @@ async def generate_stream(engine: Engine, request: GenerateRequest) -> Any:
 async def _sse_events(
     events: EventStream, request: GenerateRequest, seq: Sequence
 ) -> AsyncIterator[str]:
-    """Token events then one final event; a failure becomes a final error event."""
+    """Token events then one final event; a failure becomes a final error event.
+
+    Tokens already queued together go out in one event (`coalesce`): `{"token": {...}}`
+    for one, `{"tokens": [{...}, ...]}` for several, in order."""
     try:
-        async for _, event in events:
+        async for _, group in coalesce.runs(events):
+            event = group[-1]
             if isinstance(event, TokenEvent):
-                yield sse({"token": {"id": event.token_id, "text": event.text}})
+                tokens = [{"id": e.token_id, "text": e.text} for e in group]  # type: ignore[union-attr]
+                yield sse({"token": tokens[0]} if len(tokens) == 1 else {"tokens": tokens})
             elif event.status is Status.FAILED:
                 yield sse({"error": event.error or "generation failed"})
             else:

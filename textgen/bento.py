@@ -14,6 +14,7 @@ from bentoml._internal.service.openapi.specification import PathItem, Schema
 from bentoml._internal.utils.cattr import bentoml_cattr
 from pydantic import BaseModel
 
+from textgen import keepalive
 from textgen.config import Settings
 from textgen.frontdoor import FrontDoor
 from textgen.openai_schemas import (
@@ -181,7 +182,9 @@ class TextgenService(Service):
         for middleware in getattr(app, "user_middleware", ()):
             if getattr(middleware.cls, "__name__", "") == "OpenTelemetryMiddleware":
                 middleware.kwargs["exclude_spans"] = ["send"]
-        return FrontDoor(app, Settings.from_env())
+        settings = Settings.from_env()
+        keepalive.install(settings.keep_alive_seconds)  # before uvicorn's first connection
+        return FrontDoor(app, settings)
 
     @property
     def openapi_spec(self) -> Any:

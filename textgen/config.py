@@ -126,6 +126,7 @@ class Settings:
     api_key: str | None = None  # when set, generation routes need `Authorization: Bearer`
     drain_seconds: float = 0.0  # after SIGTERM: /readyz 503 but still serving, then stop
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
+    keep_alive_seconds: float = 75.0  # an idle connection is closed after this (textgen/keepalive)
     grammar_compile_seconds: float = 5.0  # a constraint not compiled within this: 400
     grammar_cache_size: int = 64  # compiled constraints kept (LRU)
     # Threads filling a step's token masks together (llguidance's batched fill); 0: one
@@ -186,6 +187,7 @@ class Settings:
             api_key=os.environ.get("TEXTGEN_API_KEY") or None,
             drain_seconds=_env_float("TEXTGEN_DRAIN_SECONDS", 0.0, 0.0, 3600.0, or_equal=True),
             body_timeout_seconds=_env_float("TEXTGEN_BODY_TIMEOUT_SECONDS", 30.0, 0.0, 3600.0),
+            keep_alive_seconds=_env_float("TEXTGEN_KEEP_ALIVE_SECONDS", 75.0, 0.0, 86400.0),
             grammar_compile_seconds=_env_float("TEXTGEN_GRAMMAR_COMPILE_SECONDS", 5.0, 0.0, 3600.0),
             grammar_cache_size=_env_int("TEXTGEN_GRAMMAR_CACHE_SIZE", 64, 1),
             grammar_threads=_env_int("TEXTGEN_GRAMMAR_THREADS", 0, 0)

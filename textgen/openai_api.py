@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import textgen
-from textgen import chat_sandbox, jsonbody
+from textgen import chat_sandbox, coalesce, jsonbody
 from textgen.api import (
     EventStreamResponse,
     check_budget,
@@ -511,15 +511,17 @@ class _Completion(_Request):
     async def stream(self, events: EventStream) -> AsyncGenerator[str, None]:
         with_logprobs = self.req.logprobs is not None
         tokens = self.frontend.tokens
-        async for i, event in events:
+        async for i, group in coalesce.runs(events):  # tokens queued together: one chunk
             ch = self.choices[i]
             out: dict[str, Any] = {"index": i, "text": "", "logprobs": None, "finish_reason": None}
             start = len(ch.token_ids)
             if self.start(i):
                 out["text"] = ch.prefix
+            event = group[-1]
             if isinstance(event, TokenEvent):
-                ch.add(event, tokens)
-                out["text"] += event.text
+                for token in group:
+                    ch.add(token, tokens)  # type: ignore[arg-type]
+                    out["text"] += token.text  # type: ignore[union-attr]
             else:
                 out["finish_reason"] = ch.finish_reason = _finish_reason(event)
             if with_logprobs and len(ch.token_ids) > start:
@@ -598,14 +600,17 @@ class _ChatCompletion(_Request):
 
         for ch in self.choices:  # the role first, as OpenAI sends it
             yield chunk({"role": "assistant", "content": ""}, ch.index)
-        async for i, event in events:
+        async for i, group in coalesce.runs(events):  # tokens queued together: one chunk
             ch = self.choices[i]
+            event = group[-1]
             if isinstance(event, TokenEvent):
                 start = len(ch.token_ids)
-                ch.add(event, tokens)
+                for token in group:
+                    ch.add(token, tokens)  # type: ignore[arg-type]
+                text = "".join(token.text for token in group)  # type: ignore[union-attr]
                 logprobs = ch.chat_logprobs(tokens, start) if self.req.logprobs else None
-                if event.text or logprobs is not None:
-                    yield chunk({"content": event.text}, i, logprobs=logprobs)
+                if text or logprobs is not None:
+                    yield chunk({"content": text}, i, logprobs=logprobs)
             else:
                 ch.finish_reason = _finish_reason(event)
                 yield chunk({}, i, finish_reason=ch.finish_reason)
