@@ -4,7 +4,10 @@ In-process, the tiny random GPT-2 (float32), B streams of greedy requests that a
 decode for `--new-tokens` steps. Each decode step's wall time is split into
 - forward: the runner's decode (the model);
 - choose: the sampler's `choose` (its tensor work over (B, V) logits);
-- host: everything else the engine thread does in the step, over B rows.
+- host: everything else the engine thread does in the step, over B rows;
+and the CPU time (not wall) of that host part on the engine thread, which other load
+on the machine inflates far less than wall time, and the CPU time the event loop's
+thread (the output side and the clients) spends per sequence per step.
 
 python bench/host_overhead.py --streams 256 --new-tokens 64
 """
@@ -30,19 +33,21 @@ PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living
 
 
 class Timer:
-    """Wraps a bound method; adds its wall time to `spent` (seconds)."""
+    """Wraps a bound method; adds its wall time to `spent` and its thread's CPU time to
+    `cpu` (seconds)."""
 
     def __init__(self, owner: Any, name: str) -> None:
-        self.spent = 0.0
+        self.spent = self.cpu = 0.0
         self._inner = getattr(owner, name)
         setattr(owner, name, self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         try:
             return self._inner(*args, **kwargs)
         finally:
             self.spent += time.perf_counter() - started
+            self.cpu += time.thread_time() - cpu
 
 
 async def run(engine: Engine, streams: int, new_tokens: int, stream_events: bool) -> float:
@@ -63,21 +68,26 @@ def measure(engine: Engine, streams: int, new_tokens: int) -> dict[str, float]:
     """Per full-batch decode step (every stream running, none admitted): ms of each part."""
     forward = Timer(engine.runner, "decode")
     choose = Timer(engine.sampler, "choose")
-    steps: list[tuple[float, float, float]] = []  # (wall, forward, choose) of full steps
+    # (wall, forward, choose, host CPU) of full steps
+    steps: list[tuple[float, float, float, float]] = []
     inner_step = engine.step
 
     def step() -> bool:
         full = len(engine.scheduler.running) == streams and not engine.scheduler.num_waiting
         f0, c0, started = forward.spent, choose.spent, time.perf_counter()
+        fc0, cc0, cpu = forward.cpu, choose.cpu, time.thread_time()
         try:
             return inner_step()
         finally:
             if full:
                 wall = time.perf_counter() - started
-                steps.append((wall, forward.spent - f0, choose.spent - c0))
+                host_cpu = time.thread_time() - cpu - (forward.cpu - fc0) - (choose.cpu - cc0)
+                steps.append((wall, forward.spent - f0, choose.spent - c0, host_cpu))
 
     engine.step = step  # type: ignore[method-assign]
+    loop_cpu = time.thread_time()
     tps = asyncio.run(run(engine, streams, new_tokens, True))
+    loop_cpu = time.thread_time() - loop_cpu
     engine.step = inner_step  # type: ignore[method-assign]
     engine.runner.decode, engine.sampler.choose = forward._inner, choose._inner
     steps = steps[1:-1]  # the first and last full steps border admission and retirement
@@ -85,6 +95,7 @@ def measure(engine: Engine, streams: int, new_tokens: int) -> dict[str, float]:
     fwd = statistics.median(s[1] for s in steps)
     cho = statistics.median(s[2] for s in steps)
     host = statistics.median(s[0] - s[1] - s[2] for s in steps)
+    host_cpu = statistics.median(s[3] for s in steps)
     return {
         "tok/s": tps,
         "steps": len(steps),
@@ -93,6 +104,8 @@ def measure(engine: Engine, streams: int, new_tokens: int) -> dict[str, float]:
         "choose ms": cho * 1e3,
         "host ms": host * 1e3,
         "host us/seq": host * 1e6 / streams,
+        "host CPU us/seq": host_cpu * 1e6 / streams,
+        "loop CPU us/seq": loop_cpu * 1e6 / (streams * new_tokens),
     }
 
 
@@ -112,14 +125,18 @@ def main() -> None:
     info = ModelInfo("gpt2", "gpt2:tiny", "random", True, 1024)
     engine = Engine(random_gpt2(tiny=True), gpt2_tokenizer(), info, settings)
     asyncio.run(run(engine, 2, 8, True))  # warm-up
-    print("| streams | tok/s | step ms | forward ms | choose ms | host ms | host µs/seq |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| streams | tok/s | step ms | forward ms | choose ms | host ms | host µs/seq "
+        "| host CPU µs/seq | loop CPU µs/seq |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for streams in args.streams:
         runs = [measure(engine, streams, args.new_tokens) for _ in range(args.rounds)]
         row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(
             f"| {streams} | {row['tok/s']:,.0f} | {row['step ms']:.2f} | {row['forward ms']:.2f} "
-            f"| {row['choose ms']:.2f} | {row['host ms']:.2f} | {row['host us/seq']:.1f} |"
+            f"| {row['choose ms']:.2f} | {row['host ms']:.2f} | {row['host us/seq']:.1f} "
+            f"| {row['host CPU us/seq']:.1f} | {row['loop CPU us/seq']:.1f} |"
         )
     engine.shutdown()
 

@@ -20,8 +20,9 @@ import pytest
 
 from tests.conftest import Server, run, start_server, stop_server
 from textgen import api, coalesce
-from textgen.engine import Engine
-from textgen.scheduler import FinishEvent, Status, TokenEvent
+from textgen.engine import Engine, EventStream
+from textgen.params import SamplingParams
+from textgen.scheduler import Event, FinishEvent, Scheduler, Sequence, Status, TokenEvent
 from textgen.schemas import GenerateRequest
 
 PROMPT = "The quick brown fox"
@@ -149,22 +150,13 @@ def test_generate_stream_events_queued_together_become_one(engine: Engine) -> No
     assert final["usage"]["completion_tokens"] == 10
 
 
-class QueuedEvents:
-    """An async iterator over a queue whose `__anext__` is one `Queue.get`, as EventStream's."""
-
-    def __init__(self, items: list) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
-        for item in [*items, None]:
-            self.queue.put_nowait(item)
-
-    def __aiter__(self) -> QueuedEvents:
-        return self
-
-    async def __anext__(self) -> tuple:
-        item = await self.queue.get()
-        if item is None:
-            raise StopAsyncIteration
-        return item
+def queued(items: list[tuple[int, Event]], sequences: int = 2) -> EventStream:
+    """The engine's EventStream over `items`, already queued, for `sequences` sequences."""
+    seqs = [Sequence([1], SamplingParams()) for _ in range(sequences)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, event in items:
+        queue.put_nowait((seqs[i].request_id, event))
+    return EventStream(Scheduler(1, 1), seqs, queue)
 
 
 def test_runs_keep_each_sequence_in_order() -> None:
@@ -175,21 +167,21 @@ def test_runs_keep_each_sequence_in_order() -> None:
     items = [(0, token(1)), (1, token(2)), (0, token(3)), (0, finish), (1, token(4))]
 
     async def go() -> list[tuple[int, list]]:
-        runs = coalesce.runs(QueuedEvents(items))
+        runs = coalesce.runs(queued(items))
         return [(i, [getattr(e, "token_id", "end") for e in group]) async for i, group in runs]
 
     assert run(go()) == [(0, [1, 3]), (0, ["end"]), (1, [2, 4])]
 
 
 def test_nothing_ready_takes_nothing() -> None:
-    """A look that finds the queue empty withdraws its wait: the next event still arrives."""
+    """A look that finds the queue empty takes nothing: the next event still arrives."""
+    finish = FinishEvent(Status.FINISHED_LENGTH, "x", 1, 1)
 
     async def go() -> list:
-        events = QueuedEvents([])
-        events.queue.get_nowait()  # empty now, and open
-        assert coalesce.ready_now(events) is coalesce._NOTHING
-        events.queue.put_nowait((0, TokenEvent(7, "x")))
-        events.queue.put_nowait(None)
-        return [batch async for batch in coalesce.ready_batches(events)]
+        events = queued([], sequences=1)
+        assert events.ready() == []
+        events._queue.put_nowait((events._seqs[0].request_id, TokenEvent(7, "x")))
+        events._queue.put_nowait((events._seqs[0].request_id, finish))
+        return [group async for group in coalesce.runs(events)]
 
-    assert run(go()) == [[(0, TokenEvent(7, "x"))]]
+    assert run(go()) == [(0, [TokenEvent(7, "x")]), (0, [finish])]

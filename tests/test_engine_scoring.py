@@ -26,6 +26,9 @@ def reference(model, ids: list[int]) -> torch.Tensor:
 async def _scored(eng, prompt_ids, params):
     seq = eng.new_sequence(prompt_ids, params)
     events = [e async for _, e in eng.stream([seq])]
+    # The client learns them from its first event, and from no other.
+    assert events[0].prompt_logprobs is seq.prompt_logprobs
+    assert all(e.prompt_logprobs is None for e in events[1:])
     return seq, events
 
 

@@ -50,7 +50,7 @@ class Pipe:
         seq = self.seq
         seq.append_token(token_id, EOS)
         status = seq.status if seq.status.finished else None
-        process_step([(self.output, [token_id], None, status, None, 0)], 0.0)
+        process_step([(self.output, [token_id], None, status, None, 0, None)], 0.0)
 
     def events(self) -> list:
         out = []
@@ -108,13 +108,13 @@ def test_a_stop_string_cancels_the_engine_sequence_and_drops_what_it_made_after(
     # The engine's next token, and its cancellation, reach no one.
     pipe.step(4)
     pipe.seq.finish(Status.CANCELLED)
-    process_step([(pipe.output, [], None, Status.CANCELLED, None, 0)], 0.0)
+    process_step([(pipe.output, [], None, Status.CANCELLED, None, 0, None)], 0.0)
     assert pipe.events() == []
 
 
 def test_several_tokens_in_one_step_and_a_failure_after_them():
     pipe = Pipe(max_new_tokens=9)
-    process_step([(pipe.output, [1, 2], None, Status.FAILED, "boom", 3)], 0.0)
+    process_step([(pipe.output, [1, 2], None, Status.FAILED, "boom", 3, None)], 0.0)
     events = pipe.events()
     assert [e.text for e in events[:2]] == ["a", "b"]
     assert events[2] == FinishEvent(Status.FAILED, "ab", 2, 2, "boom", 3)
@@ -131,7 +131,7 @@ def test_a_failing_output_fails_only_its_own_sequence():
     bad, good = Pipe(max_new_tokens=9), Pipe(max_new_tokens=9)
     bad.output._detokenizer = Broken()
     process_step(
-        [(bad.output, [1], None, None, None, 0), (good.output, [1], None, None, None, 0)], 0.0
+        [(bad.output, [1], None, None, None, 0, None), (good.output, [1], None, None, None, 0, None)], 0.0
     )
     (failed,) = bad.events()
     assert failed.status is Status.FAILED and failed.error == "generation failed: no text"

@@ -11,50 +11,25 @@ stream costs one event per write instead of one per token.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Protocol
 
 from textgen.scheduler import Event, FinishEvent, TokenEvent
 
-T = TypeVar("T")
-_NOTHING = object()  # nothing ready now
-_END = object()  # the stream ended
+
+class Events(Protocol):
+    """The engine's EventStream: awaits the next event, or takes those already queued."""
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, Event]]: ...
+
+    def ready(self) -> list[tuple[int, Event]]: ...
 
 
-def ready_now(events: AsyncIterator[T]) -> object:
-    """The next event if `events` has it without waiting, else _NOTHING (or _END).
-
-    Relies on the stream's `__anext__` taking an event only when it returns (the engine's
-    EventStream: one `Queue.get`): a step that would wait has taken nothing, and closing
-    it withdraws its wait (`Queue.get` removes its waiter), so no event is lost.
-    """
-    step = events.__anext__()
-    try:
-        step.send(None)  # type: ignore[attr-defined]
-    except StopIteration as done:
-        return done.value
-    except StopAsyncIteration:
-        return _END
-    step.close()  # type: ignore[attr-defined]
-    return _NOTHING
-
-
-async def ready_batches(events: AsyncIterator[T]) -> AsyncIterator[list[T]]:
-    """Lists of events: the next one (awaited), then all that were already queued."""
-    async for first in events:
-        batch = [first]
-        while (more := ready_now(events)) is not _NOTHING and more is not _END:
-            batch.append(more)  # type: ignore[arg-type]
-        yield batch
-        if more is _END:
-            return
-
-
-async def runs(events: AsyncIterator[tuple[int, Event]]) -> AsyncIterator[tuple[int, list[Event]]]:
+async def runs(events: Events) -> AsyncIterator[tuple[int, list[Event]]]:
     """(sequence index, events) to write as one SSE event each: a sequence's token events
     queued together, in order, or one finish event (after that sequence's tokens)."""
-    async for batch in ready_batches(events):
+    async for first in events:
         tokens: dict[int, list[Event]] = {}  # per sequence, in first-seen order
-        for i, event in batch:
+        for i, event in [first, *events.ready()]:
             if isinstance(event, TokenEvent):
                 tokens.setdefault(i, []).append(event)
                 continue

@@ -564,6 +564,7 @@ class Engine:
                     seq.status if finished else None,
                     seq.error,
                     seq.cached_tokens,
+                    seq.prompt_logprobs if start == 0 else None,
                 )
             )
         for loop, batch in batches.items():
@@ -597,6 +598,18 @@ class EventStream:
         if isinstance(event, FinishEvent):
             self._pending -= 1
         return self._index[request_id], event
+
+    def ready(self) -> list[tuple[int, Event]]:
+        """Every event already queued, taken without waiting, in order (streams coalesce
+        them: textgen/coalesce.py)."""
+        taken = []
+        queue = self._queue
+        while self._pending and not queue.empty():
+            request_id, event = queue.get_nowait()
+            if isinstance(event, FinishEvent):
+                self._pending -= 1
+            taken.append((self._index[request_id], event))
+        return taken
 
     async def aclose(self) -> None:
         for seq in self._seqs:

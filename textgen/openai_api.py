@@ -51,7 +51,7 @@ from textgen.openai_schemas import (
     TokenizeRequest,
 )
 from textgen.params import ParamError, SamplingParams
-from textgen.scheduler import FinishEvent, PromptLogprob, Sequence, Status, TokenEvent
+from textgen.scheduler import Event, FinishEvent, PromptLogprob, Sequence, Status, TokenEvent
 from textgen.structured import Grammar
 from textgen.text import TokenTable
 
@@ -380,14 +380,14 @@ class _Request:
     async def collect(self, events: EventStream) -> bool:
         """Reads every event into the choices; True once all sequences finished."""
         async for i, event in events:
-            self.start(i)
+            self.start(i, event)
             if isinstance(event, TokenEvent):
                 self.choices[i].add(event, self.frontend.tokens)
             else:
                 self.choices[i].finish_reason = _finish_reason(event)
         return True
 
-    def start(self, i: int) -> bool:
+    def start(self, i: int, event: Event) -> bool:
         """Called at each event of sequence i; True (once) at its first."""
         ch = self.choices[i]
         if ch.started:
@@ -476,12 +476,12 @@ class _Completion(_Request):
             self.prompt_seqs.append(self.seqs[-self.best_of])
         entries.check()
 
-    def start(self, i: int) -> bool:
+    def start(self, i: int, event: Event) -> bool:
         """At a sequence's first event, its echoed prompt's entries come first."""
-        first = super().start(i)
-        seq = self.seqs[i]
-        if first and self.scoring and seq.prompt_logprobs is not None:
-            self.choices[i].add_prompt(seq.prompt_ids, seq.prompt_logprobs, self.frontend.tokens)
+        first = super().start(i, event)
+        scored = event.prompt_logprobs
+        if first and self.scoring and scored is not None:
+            self.choices[i].add_prompt(self.seqs[i].prompt_ids, scored, self.frontend.tokens)
         return first
 
     def body(self) -> dict[str, Any]:
@@ -515,7 +515,7 @@ class _Completion(_Request):
             ch = self.choices[i]
             out: dict[str, Any] = {"index": i, "text": "", "logprobs": None, "finish_reason": None}
             start = len(ch.token_ids)
-            if self.start(i):
+            if self.start(i, group[0]):
                 out["text"] = ch.prefix
             event = group[-1]
             if isinstance(event, TokenEvent):

@@ -21,18 +21,28 @@ import asyncio
 import codecs
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from textgen.metrics import Metrics
 from textgen.params import SamplingParams
-from textgen.scheduler import Event, FinishEvent, Sequence, Status, TokenEvent, TopLogprobs
+from textgen.scheduler import (
+    Event,
+    FinishEvent,
+    PromptLogprob,
+    Sequence,
+    Status,
+    TokenEvent,
+    TopLogprobs,
+)
 from textgen.text import Detokenizer, StopMatcher
 
 logger = logging.getLogger("bentoml.textgen")
 
 # What one step hands over for one sequence, built on the engine thread:
 # (its output, new token ids, their (logprob, top logprobs) or None, the engine's finish
-# status or None, the error of a failed one, its prompt tokens from the prefix cache).
+# status or None, the error of a failed one, its prompt tokens from the prefix cache, its
+# prompt logprobs in its first delta when it scores its prompt, else None).
 Delta = tuple[
     "SequenceOutput",
     list[int],
@@ -40,6 +50,7 @@ Delta = tuple[
     Status | None,
     str | None,
     int,
+    list[PromptLogprob] | None,
 ]
 # The engine's finishes that a token caused; the others (cancelled, failed) come after
 # the sequence's last token.
@@ -109,8 +120,10 @@ class SequenceOutput:
         error: str | None,
         cached_tokens: int,
         now: float,
+        prompt_logprobs: list[PromptLogprob] | None = None,
     ) -> None:
-        """One step's new tokens and the engine's finish, if any (see the module's NOTE)."""
+        """One step's new tokens and the engine's finish, if any (see the module's NOTE).
+        `prompt_logprobs` (in the first step's only) goes with the first event."""
         if self.finished:
             return
         put, request_id = self.queue.put_nowait, self.seq.request_id
@@ -121,7 +134,8 @@ class SequenceOutput:
             self.tokens += 1
             self.text += piece
             logprob, top = logprobs[k] if logprobs is not None else (None, ())
-            put((request_id, TokenEvent(token_id, piece, logprob, top)))
+            put((request_id, TokenEvent(token_id, piece, logprob, top, prompt_logprobs)))
+            prompt_logprobs = None
             self._observe(now)
             if ended is not None:
                 if status is None:  # a stop string: the engine goes on until told
@@ -129,7 +143,7 @@ class SequenceOutput:
                 self._finish(ended, None, cached_tokens)
                 return
         if status is not None:
-            self._finish(status, error, cached_tokens)
+            self._finish(status, error, cached_tokens, prompt_logprobs)
 
     def fail(self, error: str, cached_tokens: int) -> None:
         """Ends it as failed from the output side; the engine's sequence is cancelled."""
@@ -170,11 +184,16 @@ class SequenceOutput:
             self._metrics.inter_token_latency.observe(now - self.last_token_time)
         self.last_token_time = now
 
-    def _finish(self, status: Status, error: str | None, cached_tokens: int) -> None:
+    def _finish(
+        self,
+        status: Status,
+        error: str | None,
+        cached_tokens: int,
+        prompt_logprobs: list[PromptLogprob] | None = None,
+    ) -> None:
         self.finished = True
-        event = FinishEvent(
-            status, self.text, self.prompt_tokens, self.tokens, error, cached_tokens
-        )
+        event = FinishEvent(status, self.text, self.prompt_tokens, self.tokens, error)
+        event = replace(event, cached_tokens=cached_tokens, prompt_logprobs=prompt_logprobs)
         self.queue.put_nowait((self.seq.request_id, event))
         try:  # a metrics failure must not cost a client its events
             self._metrics.requests.labels(self.label, status.finish_reason).inc()
@@ -184,9 +203,9 @@ class SequenceOutput:
 
 def process_step(deltas: list[Delta], now: float) -> None:
     """On an event loop: one engine step's deltas for the sequences it owns."""
-    for output, token_ids, logprobs, status, error, cached_tokens in deltas:
+    for output, token_ids, logprobs, status, error, cached_tokens, scored in deltas:
         try:
-            output.take(token_ids, logprobs, status, error, cached_tokens, now)
+            output.take(token_ids, logprobs, status, error, cached_tokens, now, scored)
         except Exception as exc:  # one sequence's text must not cost the others theirs
             logger.exception("processing a sequence's output failed")
             output.fail(f"generation failed: {exc}", cached_tokens)

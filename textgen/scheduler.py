@@ -64,6 +64,8 @@ class TokenEvent:
     text: str  # text this token made safe to show; '' while held back
     logprob: float | None = None  # log-probability of token_id under the model
     top_logprobs: TopLogprobs = ()  # (id, logprob) alternatives, best first
+    # On a sequence's first event only, when it scores its prompt: one entry per token.
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,8 @@ class FinishEvent:
     completion_tokens: int
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # As TokenEvent's: here when the sequence made no token (max_new_tokens 0, a failure).
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 Event = TokenEvent | FinishEvent
