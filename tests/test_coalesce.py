@@ -164,13 +164,13 @@ def test_runs_keep_each_sequence_in_order() -> None:
         return TokenEvent(n, str(n))
 
     finish = FinishEvent(Status.FINISHED_LENGTH, "", 1, 2)
-    items = [(0, token(1)), (1, token(2)), (0, token(3)), (0, finish), (1, token(4))]
+    items = [(0, token(1)), (1, token(2)), (0, token(3)), (0, finish), (1, token(4)), (1, finish)]
 
     async def go() -> list[tuple[int, list]]:
         runs = coalesce.runs(queued(items))
         return [(i, [getattr(e, "token_id", "end") for e in group]) async for i, group in runs]
 
-    assert run(go()) == [(0, [1, 3]), (0, ["end"]), (1, [2, 4])]
+    assert run(go()) == [(0, [1, 3]), (0, ["end"]), (1, [2, 4]), (1, ["end"])]
 
 
 def test_nothing_ready_takes_nothing() -> None:
