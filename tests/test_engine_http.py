@@ -4,6 +4,7 @@ a broken engine behind /readyz, a cache that does not fit, clients that leave ea
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
@@ -148,9 +149,11 @@ def test_a_dead_engine_thread_ends_in_flight_streams_and_turns_the_service_503(f
     srv = faulty("thread_dies_after=3")
     url, reason = srv.url, "the engine thread died: SystemExit('injected fault')"
     with httpx.stream("POST", f"{url}/generate_stream", json=BYSTANDER, timeout=30) as r:
-        events = [line for line in r.iter_lines() if line]
-    assert len(events) == 4  # the prefill's token, two decoded ones, then the error
-    assert events[-1] == f'data: {{"error": "{reason}"}}'
+        events = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line]
+    # The prefill's token and two decoded ones (queued ones coalesce), then the error.
+    tokens = [t for e in events[:-1] for t in e.get("tokens", [e.get("token")])]
+    assert len(tokens) == 3 and all("id" in t for t in tokens)
+    assert events[-1] == {"error": reason}
     _unavailable_everywhere(url, reason)
 
 

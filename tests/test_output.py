@@ -131,7 +131,11 @@ def test_a_failing_output_fails_only_its_own_sequence():
     bad, good = Pipe(max_new_tokens=9), Pipe(max_new_tokens=9)
     bad.output._detokenizer = Broken()
     process_step(
-        [(bad.output, [1], None, None, None, 0, None), (good.output, [1], None, None, None, 0, None)], 0.0
+        [
+            (bad.output, [1], None, None, None, 0, None),
+            (good.output, [1], None, None, None, 0, None),
+        ],
+        0.0,
     )
     (failed,) = bad.events()
     assert failed.status is Status.FAILED and failed.error == "generation failed: no text"
