@@ -291,3 +291,9 @@ def image(docker_engine, tmp_path_factory) -> Iterator[tuple[str, Path, str]]:
     image_tag = build_image(home, model_tag)
     yield image_tag, home, model_tag
     remove_image(image_tag)
+
+
+def stream_tokens(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The token objects of `/generate_stream` events, in order: one per `{"token": ...}`
+    event, several per `{"tokens": [...]}` (tokens queued together coalesce)."""
+    return [t for e in events for t in e.get("tokens", [e["token"]] if "token" in e else [])]

@@ -8,7 +8,7 @@ import json
 
 from starlette.requests import ClientDisconnect
 
-from tests.conftest import run
+from tests.conftest import run, stream_tokens
 from tests.test_engine import failing_engine
 from textgen import api
 from textgen.api import EventStreamResponse
@@ -28,7 +28,7 @@ def test_native_stream_ends_with_an_error_event(tiny_model, tokenizer):
     finally:
         eng.shutdown()
     events = [json.loads(c.removeprefix("data: ")) for c in chunks]
-    assert [set(e) for e in events] == [{"token"}] * 3 + [{"error"}]
+    assert len(stream_tokens(events[:-1])) == 3
     assert events[-1] == {"error": "generation failed: boom"}
 
 

@@ -20,6 +20,8 @@ import pytest
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
+from tests.conftest import stream_tokens
+
 MAX_TOKENS = 200
 SAMPLED_SEEDS = range(4)
 # Schemas whose every value is bounded: strings by maxLength, arrays by maxItems,
@@ -237,7 +239,7 @@ def test_native_routes_take_json_schema_regex_and_choice(server):
         {"prompt": "Person:", "max_new_tokens": MAX_TOKENS, "json_schema": schema},
     )
     events = [json.loads(e[len("data: ") :]) for e in stream.text.split("\n\n") if e.strip()]
-    text = "".join(e["token"]["text"] for e in events if "token" in e)
+    text = "".join(t["text"] for t in stream_tokens(events))
     assert events[-1]["finish_reason"] == "stop"
     assert events[-1]["generated_text"] == text
     jsonschema.validate(json.loads(text), schema)

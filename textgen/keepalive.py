@@ -1,5 +1,6 @@
-"""uvicorn's keep-alive as this service sets it (`bentoml serve` gives uvicorn 5 s and no
-setting for it).
+"""uvicorn's keep-alive as this service sets it. `bentoml serve` gives uvicorn 5 s unless
+its hidden `--timeout-keep-alive` option says otherwise; `TEXTGEN_KEEP_ALIVE_SECONDS`
+(which the image and `make serve` carry like every other setting) wins over both.
 
 Two invariants, for every HTTP/1.1 connection the worker holds:
 

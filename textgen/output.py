@@ -7,12 +7,15 @@ step (`Engine._deliver`). There, `process_step` runs each sequence's `SequenceOu
 which detokenizes, matches stop strings and puts TokenEvents and one FinishEvent on its
 request's queue, as vLLM v1's OutputProcessor does beside its EngineCore.
 
-NOTE (stop strings): the engine never sees text, so a stop string is found here, up to
-a step after its last token was chosen. `SequenceOutput` then finishes the sequence
-itself (FinishEvent `stop`, text cut at the match) and cancels it in the scheduler; the
-tokens the engine made after the match, and its own finish (`cancelled`), are dropped.
-Every other finish (EOS, stop token, length, constraint complete, cancelled, failed) is
-the engine's, and applies after the last token handed over with it.
+NOTE (stop strings): the engine never sees text, so a stop string is found here, when
+the event loop runs the step's deltas: the step after its last token was chosen, or as
+many steps later as the loop lags behind the engine (as vLLM's front end finds them and
+aborts the request in its engine core). `SequenceOutput` then finishes the sequence
+itself (FinishEvent `stop`, text cut at the match) and cancels it in the scheduler; until
+the engine's next step retires it, its slot stays held, and the tokens made after the
+match (counted in `textgen_generated_tokens`) and the engine's own finish (`cancelled`)
+are dropped. Every other finish (EOS, stop token, length, constraint complete,
+cancelled, failed) is the engine's, and applies after the last token handed over with it.
 """
 
 from __future__ import annotations

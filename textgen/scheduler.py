@@ -94,9 +94,9 @@ _groups = itertools.count()
 class Sequence:
     """The engine's state of one generated sequence: token ids, never text.
 
-    Text, stop strings and events are the output side's (textgen/output.py), which
-    reads `output_ids[delivered:]` after each step and may end a sequence early (a stop
-    string) by cancelling it.
+    Text, stop strings and events are the output side's (textgen/output.py): after each
+    step the engine hands it `output_ids[delivered:]`, and it may end a sequence early (a
+    stop string) by cancelling it.
     """
 
     prompt_ids: list[int]
