@@ -420,3 +420,37 @@ def test_regexes_inside_schemas_and_grammars_are_bounded_too(make, param):
         make()
     assert err.value.param == param
     assert "allow 90000 repeats, more than 4096" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("schema", "spec"),
+    [(True, "{}"), ("true", "{}"), ({"type": "object"}, '{"type":"object"}')],
+)
+def test_the_schema_true_is_any_json_value(schema, spec):
+    assert Constraint.json_schema(schema, "guided_json").spec == spec
+
+
+@pytest.mark.parametrize("schema", [False, "false"])
+def test_the_schema_false_allows_nothing(schema):
+    with pytest.raises(ParamError) as err:
+        Constraint.json_schema(schema, "guided_json")
+    assert err.value.param == "guided_json"
+    assert str(err.value) == "guided_json: the schema false allows no value"
+
+
+@pytest.mark.parametrize("schema", [1, [], "null", "3"])
+def test_a_schema_that_is_neither_object_nor_boolean_is_refused(schema):
+    with pytest.raises(ParamError) as err:
+        Constraint.json_schema(schema, "guided_json")
+    assert str(err.value).startswith(
+        "guided_json must be a JSON schema (an object or a boolean), got "
+    )
+
+
+def test_the_schema_true_compiles_and_generates_json(eng):
+    constraint = Constraint.json_schema(True, "guided_json")
+    params = SamplingParams(max_new_tokens=40, do_sample=True, seed=1, constraint=constraint)
+    _, final = run(_generate(eng, "Anything:", params))
+    assert final.status in (Status.FINISHED_STOP, Status.FINISHED_LENGTH)
+    if final.status is Status.FINISHED_STOP:
+        json.loads(final.text)

@@ -252,7 +252,7 @@ def test_openapi_document_types_the_native_constraints(server):
     ]
     assert bodies
     for fields in bodies:
-        assert fields["json_schema"]["type"] == "object"
+        assert [v["type"] for v in fields["json_schema"]["anyOf"]] == ["object", "boolean"]
         assert fields["regex"]["type"] == "string"
         assert fields["choice"]["type"] == "array"
 
@@ -409,3 +409,70 @@ def test_free_requests_beside_constrained_ones_keep_their_greedy_text(server):
         together = [pool.submit(free, p) for p in prompts]
         assert [f.result() for f in together] == alone
         assert all(f.result() == "stop" for f in busy)
+
+
+# -- the boolean schemas -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/completions", {"guided_json": True}),
+        ("/v1/completions", {"guided_json": "true"}),
+        (
+            "/v1/completions",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "t", "schema": True},
+                }
+            },
+        ),
+        ("/generate", {"json_schema": True}),
+    ],
+)
+def test_the_schema_true_allows_any_json_value(server, route, body):
+    """JSON Schema's `true` is `{}`: any JSON value. With random weights it may not end
+    within the tokens given; where it ends by itself, its text parses."""
+    budget = "max_new_tokens" if route == "/generate" else "max_tokens"
+    for seed in range(3):
+        r = post(server, route, {"prompt": "x", budget: 40, "temperature": 1, "seed": seed, **body})
+        assert r.status_code == 200, r.text
+        if route == "/generate":
+            text, reason = r.json()["generated"], r.json()["finish_reason"]
+        else:
+            text, reason = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+        if reason in ("stop", "eos"):
+            json.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", {"guided_json": False}, "guided_json"),
+        ("/v1/completions", {"guided_json": "false"}, "guided_json"),
+        (
+            "/v1/chat/completions",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "f", "schema": False},
+                }
+            },
+            "response_format",
+        ),
+        ("/generate", {"json_schema": False}, "json_schema"),
+        ("/generate_stream", {"json_schema": False}, "json_schema"),
+    ],
+)
+def test_the_schema_false_is_a_400_naming_the_field(server, route, body, param):
+    base = {"messages": [{"role": "user", "content": "x"}]} if "chat" in route else {"prompt": "x"}
+    r = post(server, route, {**base, **body})
+    assert r.status_code == 400, r.text
+    message = f"{param}: the schema false allows no value"
+    if route.startswith("/v1"):
+        assert r.json()["error"]["message"] == message
+        assert r.json()["error"]["param"] == param
+    else:
+        assert r.json()["error"] == message
+        assert r.json()["detail"][0]["loc"] == [param]
