@@ -363,7 +363,13 @@ def test_a_matcher_in_an_error_state_fails_its_sequence(eng, compiler):
     events = run(with_a_broken_matcher())
     assert [type(e) for e in events] == [FinishEvent]
     assert events[0].status is Status.FAILED
-    assert events[0].error.startswith("generation failed: ") and "unknown name" in events[0].error
+    # The request's constraint failed, not the engine: its field is named, for a 4xx.
+    assert events[0].param == "guided_regex"
+    assert events[0].error.startswith(
+        "guided_regex: the output constraint failed after 0 generated tokens: "
+    )
+    assert "unknown name" in events[0].error
+    assert eng.health() is None
 
 
 @pytest.mark.parametrize(

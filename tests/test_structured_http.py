@@ -476,3 +476,64 @@ def test_the_schema_false_is_a_400_naming_the_field(server, route, body, param):
     else:
         assert r.json()["error"] == message
         assert r.json()["detail"][0]["loc"] == [param]
+
+
+# -- a grammar that fails mid-output ---------------------------------------------------
+
+# Fifty ambiguous rules side by side: the Earley row grows with every "a", and a few
+# tokens in it passes llguidance's 2000 items per row. It compiles (the first rows are
+# small), and fails mid-output.
+AMBIGUOUS = (
+    "start: "
+    + " | ".join(f"x{i}" for i in range(50))
+    + "\n"
+    + "".join(f'x{i}: x{i} x{i} | "a"\n' for i in range(50))
+)
+NO_EOS = {"logit_bias": {"50256": -100}}  # the model would rather go on than end
+
+
+def _log_tail(server, start: int) -> str:
+    with server.log.open(errors="replace") as f:
+        f.seek(start)
+        return f.read()
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_grammar_past_a_per_step_limit_is_a_400_naming_the_field(server, route):
+    base = {"messages": [{"role": "user", "content": "x"}]} if "chat" in route else {"prompt": "x"}
+    start = server.log.stat().st_size
+    body = {**base, "max_tokens": 64, "temperature": 0, "guided_grammar": AMBIGUOUS, **NO_EOS}
+    r = post(server, route, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "guided_grammar"
+    assert error["type"] == "invalid_request_error"
+    assert re.fullmatch(
+        r"guided_grammar: the output constraint failed after \d+ generated tokens: "
+        r"Parser Error: Current row has \d+ items; max is 2000; .*",
+        error["message"],
+    ), error["message"]
+    log = _log_tail(server, start)
+    assert "failed" not in log.replace("status=400", ""), log  # no step failed, no traceback
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_grammar_past_a_per_step_limit_ends_a_stream_with_an_error_event(server, route):
+    base = {"messages": [{"role": "user", "content": "x"}]} if "chat" in route else {"prompt": "x"}
+    body = {**base, "max_tokens": 64, "temperature": 0, "stream": True, "guided_grammar": AMBIGUOUS}
+    r = post(server, route, {**body, **NO_EOS})
+    assert r.status_code == 200
+    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["param"] == "guided_grammar"
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("guided_grammar: the output constraint failed after ")
+    assert "max is 2000" in error["message"]
+    text = "".join(
+        (c.get("text") or c.get("delta", {}).get("content") or "")
+        for e in events[:-2]
+        for c in json.loads(e)["choices"]
+    )
+    assert text and set(text) == {"a"}  # what came before the failure, as generated

@@ -51,7 +51,12 @@ from textgen.scheduler import (
     Sequence,
     Status,
 )
-from textgen.structured import Grammar, GrammarCompiler, MaskBuilder
+from textgen.structured import (
+    Grammar,
+    GrammarCompiler,
+    MaskBuilder,
+    grammar_failed,
+)
 
 # A child of BentoML's logger, so `bentoml serve` shows these lines in its own format.
 logger = logging.getLogger("bentoml.textgen")
@@ -521,9 +526,14 @@ class Engine:
                 continue
             grammar = seq.grammar
             if grammar is not None and not grammar.advance(choice.token_id):
-                # Only a matcher in an error state (a limit hit mid-output) rejects the
-                # token its own mask allowed: the output would not match, so it fails.
-                seq.finish(Status.FAILED, error=f"generation failed: {grammar.error}")
+                # Only a matcher in an error state rejects the token its own mask allowed:
+                # the request's grammar hit one of llguidance's per-step limits (Earley
+                # items, lexer fuel) mid-output. The output would not match, so it fails,
+                # as the client's error (its field named), not the engine's.
+                constraint = seq.params.constraint
+                param = constraint.param if constraint is not None else None
+                error = grammar_failed(param or "constraint", grammar, len(seq.output_ids))
+                seq.finish(Status.FAILED, error=error, param=param)
                 continue
             if seq.last_token_time is None:
                 self.metrics.time_to_first_token.observe(now - seq.arrival_time)

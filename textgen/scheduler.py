@@ -75,6 +75,9 @@ class FinishEvent:
     completion_tokens: int
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # FAILED by what the request sent (its output constraint hit a grammar-engine limit
+    # mid-output): the wire field at fault, and the client gets a 4xx; None: the server's.
+    param: str | None = None
 
 
 Event = TokenEvent | FinishEvent
@@ -180,7 +183,9 @@ class Sequence:
         piece = self._stop.push(self._detokenizer.flush())
         return piece if self._stop.matched else piece + self._stop.flush()
 
-    def finish(self, status: Status, error: str | None = None) -> None:
+    def finish(self, status: Status, error: str | None = None, param: str | None = None) -> None:
+        """Ends the sequence (a no-op once it has ended). `param`: for FAILED, the request
+        field at fault when the request, not the server, caused the failure."""
         if self.status.finished:
             return
         self.status, self.error = status, error
@@ -192,6 +197,7 @@ class Sequence:
                 len(self.output_ids),
                 error,
                 self.cached_tokens,
+                param,
             )
         )
 

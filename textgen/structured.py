@@ -115,6 +115,16 @@ def _named(constraint: Constraint, exc: _Invalid) -> GrammarError:
     return GrammarError(constraint.param, f"{constraint.param}: {text}")
 
 
+def grammar_failed(param: str, matcher: GrammarMatcher, tokens: int) -> str:
+    """The client's message for a grammar that failed mid-output, after `tokens` tokens:
+    its field, and llguidance's message."""
+    text = (matcher.error or "the grammar rejected a token").replace("<non-verbose/>", "")
+    text = text.strip()
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    return f"{param}: the output constraint failed after {tokens} generated tokens: {text}"
+
+
 class GrammarCompiler:
     """Compiles constraints off the engine thread, with a time limit and an LRU cache.
 
