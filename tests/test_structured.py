@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -16,7 +19,7 @@ import llguidance
 import pytest
 import torch
 
-from tests.conftest import make_engine, run
+from tests.conftest import ROOT, make_engine, run
 from textgen import structured
 from textgen.config import Settings
 from textgen.models import gpt2_tokenizer
@@ -24,6 +27,7 @@ from textgen.params import Constraint, ParamError, SamplingParams, one_constrain
 from textgen.sampling import _mask_out
 from textgen.scheduler import FinishEvent, Status, TokenEvent
 from textgen.structured import (
+    CompilerBusy,
     GrammarCompiler,
     GrammarError,
     GrammarMatcher,
@@ -460,3 +464,134 @@ def test_the_schema_true_compiles_and_generates_json(eng):
     assert final.status in (Status.FINISHED_STOP, Status.FINISHED_LENGTH)
     if final.status is Status.FINISHED_STOP:
         json.loads(final.text)
+
+
+def test_past_the_waiting_bound_a_new_constraint_is_refused(monkeypatch):
+    """Two threads busy, one compile waiting (the bound): a new constraint is refused;
+    a cached one, or the waiting one's, is not. With no compile running, nothing is."""
+    release = threading.Event()
+    real = structured.grammar_text
+
+    def held(constraint):
+        release.wait(30)
+        return real(constraint)
+
+    monkeypatch.setattr(structured, "grammar_text", held)
+    c = GrammarCompiler(gpt2_tokenizer(), 50257, workers=2, max_waiting=1)
+    try:
+        regexes = [Constraint.text("regex", f"[0-9]{{{k}}}", "regex") for k in (1, 2, 3, 4)]
+        futures = [c.submit(r) for r in regexes[:3]]
+        with pytest.raises(CompilerBusy) as err:
+            c.submit(regexes[3])
+        assert str(err.value) == (
+            "new output constraints waiting to compile: 1 of 1 allowed "
+            "(TEXTGEN_MAX_GRAMMAR_COMPILES_WAITING)"
+        )
+        assert c.submit(regexes[2]) is futures[2]  # the waiting one's: joins it
+        release.set()
+        for future in futures:
+            future.result(30)
+        assert c.compile_blocking(regexes[3]).constraint == regexes[3]
+    finally:
+        release.set()
+        c.shutdown()
+
+
+def test_no_compile_may_wait_when_the_bound_is_zero(monkeypatch):
+    release = threading.Event()
+    real = structured.grammar_text
+    monkeypatch.setattr(
+        structured, "grammar_text", lambda constraint: release.wait(30) and real(constraint)
+    )
+    c = GrammarCompiler(gpt2_tokenizer(), 50257, workers=1, max_waiting=0)
+    try:
+        first = c.submit(Constraint.text("regex", "a", "regex"))  # a free thread: taken
+        with pytest.raises(CompilerBusy):
+            c.submit(Constraint.text("regex", "b", "regex"))
+        release.set()
+        first.result(30)
+        c.compile_blocking(Constraint.text("regex", "b", "regex"))
+    finally:
+        release.set()
+        c.shutdown()
+
+
+# The deepest constraints MAX_CONSTRAINT_CHARS lets through: llguidance's compiler
+# recurses once per link, and needs more stack for them than 1 MiB.
+DEEP = {
+    "lark": "start: r0\n" + "".join(f"r{i}: r{i + 1}\n" for i in range(1400)) + 'r1400: "x"\n',
+    "ref": json.dumps(
+        {
+            "$ref": "#/$defs/d0",
+            "$defs": {
+                f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}}
+                for i in range(230)
+            }
+            | {"d230": {"type": "string"}},
+        },
+        separators=(",", ":"),
+    ),
+}
+COMPILE_DEEP = textwrap.dedent(
+    """
+    import sys, threading
+    from textgen.models import gpt2_tokenizer
+    from textgen.params import Constraint
+    from textgen.structured import GrammarCompiler
+    lark, ref, plain = sys.stdin.read().split("\\0")
+    constraints = [
+        Constraint.text("grammar", lark, "guided_grammar"),
+        Constraint.json_schema(ref, "guided_json"),
+    ]
+    compiler = GrammarCompiler(gpt2_tokenizer(), 50257, timeout_s=120)
+    compiler.tokenizer  # built on this thread
+    if plain == "plain":  # on a thread of the default stack, `ulimit -s`
+        thread = threading.Thread(target=lambda: [compiler._build(c) for c in constraints])
+        thread.start()
+        thread.join()
+    else:
+        for c in constraints:
+            compiler.compile_blocking(c)
+    print("compiled", flush=True)
+    """
+)
+
+
+def _compile_deep_with_small_stacks(how: str) -> subprocess.CompletedProcess:
+    """The deep constraints compiled in a child whose `ulimit -s` is 1 MiB."""
+    for text in DEEP.values():
+        assert len(text) <= 16_384  # within the bound: a request may send them
+    return subprocess.run(
+        [
+            "bash",
+            "-c",
+            'ulimit -c 0; ulimit -s 1024; exec "$0" -c "$1"',
+            sys.executable,
+            COMPILE_DEEP,
+        ],
+        input="\0".join([DEEP["lark"], DEEP["ref"], how]),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_constraints_at_the_bound_compile_whatever_ulimit_s_says():
+    """The compile threads have stacks of their own size: with `ulimit -s` at 1 MiB the
+    deepest constraints within the bound compile, where a thread of the default stack
+    (the control) crashes the process."""
+    done = _compile_deep_with_small_stacks("pool")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "compiled"
+    control = _compile_deep_with_small_stacks("plain")
+    assert control.returncode < 0 and "compiled" not in control.stdout  # SIGSEGV
+
+
+def test_the_stack_size_comes_back_after_the_compile_threads_start():
+    before = threading.stack_size()
+    c = GrammarCompiler(gpt2_tokenizer(), 50257)
+    try:
+        assert threading.stack_size() == before
+    finally:
+        c.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -19,6 +20,8 @@ import openai
 import pytest
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
+
+from tests.conftest import start_server, stop_server
 
 MAX_TOKENS = 200
 SAMPLED_SEEDS = range(4)
@@ -537,3 +540,61 @@ def test_a_grammar_past_a_per_step_limit_ends_a_stream_with_an_error_event(serve
         for c in json.loads(e)["choices"]
     )
     assert text and set(text) == {"a"}  # what came before the failure, as generated
+
+
+# -- a bounded compile queue ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_compiles(model_store, tmp_path_factory):
+    """Compiles that take 6 s each (tests/fault_service.py), 2 compile threads, and at
+    most 1 new constraint waiting for one."""
+    home, tag = model_store
+    srv = start_server(
+        home,
+        tag,
+        tmp_path_factory.mktemp("logs") / "slow_compiles.log",
+        service="tests.fault_service:TextGeneration",
+        TEXTGEN_TEST_FAULT="grammar_compile_sleeps=6",
+        TEXTGEN_MAX_GRAMMAR_COMPILES_WAITING="1",
+        TEXTGEN_GRAMMAR_COMPILE_SECONDS="60",
+    )
+    yield srv
+    stop_server(srv)
+
+
+def test_past_the_compile_queue_a_new_constraint_is_a_429_with_retry_after(slow_compiles):
+    """Two compiles run, one waits; a fourth new constraint is refused at once, on both
+    route families. The same constraint as a waiting one joins it; the rest finish."""
+    url = slow_compiles.url
+
+    def native(regex: str) -> httpx.Response:
+        body = {"prompt": "x", "max_new_tokens": 3, "regex": regex}
+        return httpx.post(f"{url}/generate", json=body, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        queued = [pool.submit(native, f"[0-9]{{{k}}}") for k in (1, 2, 3)]
+        time.sleep(3)  # the three are in: two compiling, one waiting
+        started = time.monotonic()
+        refused = native("[0-9]{4}")
+        openai_refused = httpx.post(
+            f"{url}/v1/completions",
+            json={"prompt": "x", "max_tokens": 3, "guided_regex": "[a-z]{4}"},
+            timeout=120,
+        )
+        assert time.monotonic() - started < 2  # no wait for a turn
+        joined = pool.submit(native, "[0-9]{3}")  # the waiting one's own constraint
+        assert [f.result().status_code for f in queued] == [200, 200, 200]
+        assert joined.result().status_code == 200
+    message = (
+        "server is at capacity: new output constraints waiting to compile: 1 of 1 allowed "
+        "(TEXTGEN_MAX_GRAMMAR_COMPILES_WAITING); retry later"
+    )
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"] == message
+    assert openai_refused.status_code == 429
+    assert openai_refused.headers["retry-after"] == "1"
+    assert openai_refused.json()["error"]["message"] == message
+    assert openai_refused.json()["error"]["type"] == "rate_limit_error"
+    assert native("[0-9]{4}").status_code == 200  # the queue drained: compiled now

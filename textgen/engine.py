@@ -52,6 +52,7 @@ from textgen.scheduler import (
     Status,
 )
 from textgen.structured import (
+    CompilerBusy,
     Grammar,
     GrammarCompiler,
     MaskBuilder,
@@ -143,6 +144,7 @@ class Engine:
             self.vocab_size,
             cache_size=settings.grammar_cache_size,
             timeout_s=settings.grammar_compile_seconds,
+            max_waiting=settings.max_grammar_compiles_waiting,
         )
         self._stopping = threading.Event()
         self._dead: str | None = None  # why the engine stopped, once it has
@@ -196,8 +198,14 @@ class Engine:
 
     async def grammar(self, constraint: Constraint | None) -> Grammar | None:
         """The compiled constraint (None for free text), compiled off the engine thread.
-        Raises GrammarError (a ParamError) when it is invalid or not compiled in time."""
-        return None if constraint is None else await self.grammars.compile(constraint)
+        Raises GrammarError (a ParamError) when it is invalid or not compiled in time, and
+        EngineOverloaded when it is new and too many compiles wait already."""
+        if constraint is None:
+            return None
+        try:
+            return await self.grammars.compile(constraint)
+        except CompilerBusy as exc:
+            raise EngineOverloaded(str(exc)) from None
 
     def new_sequence(
         self, prompt_ids: list[int], params: SamplingParams, grammar: Grammar | None = None
