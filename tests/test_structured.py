@@ -24,7 +24,7 @@ from textgen import structured
 from textgen.config import Settings
 from textgen.models import gpt2_tokenizer
 from textgen.params import Constraint, ParamError, SamplingParams, one_constraint
-from textgen.sampling import _mask_out
+from textgen.sampling import _mask_out, _masked_copy
 from textgen.scheduler import FinishEvent, Status, TokenEvent
 from textgen.structured import (
     CompilerBusy,
@@ -317,6 +317,19 @@ def test_masking_out_sets_exactly_the_forbidden_tokens_on_either_path():
     _mask_out(slow, forbidden)
     expected = logits.masked_fill(forbidden, float("-inf"))
     assert torch.equal(fast, expected) and torch.equal(slow, expected)
+
+
+def test_the_masked_copy_equals_a_copy_then_a_mask():
+    """One pass (numpy's where, float32 on the CPU; masked_fill elsewhere), the input kept."""
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 50257, generator=generator)
+    forbidden = torch.rand(3, 50257, generator=generator) < 0.7
+    kept = logits.clone()
+    expected = logits.masked_fill(forbidden, float("-inf"))
+    for x in (logits, logits.double()):
+        copied = _masked_copy(x, forbidden)
+        assert copied.dtype == x.dtype and torch.equal(copied, expected.to(x.dtype))
+    assert torch.equal(logits, kept)
 
 
 def test_masks_filled_in_turn_equal_the_batched_fill(compiler):

@@ -102,12 +102,14 @@ class Sampler:
             valid = best.isfinite()  # NaN and +inf reach the max, and so does all -inf
         else:
             valid = logits.amax(dim=-1).isfinite()
-            if processed is not logits:  # and something is left to choose from
-                valid &= processed.amax(dim=-1) > float("-inf")
             if len(sampling) == len(seqs):
+                if processed is not logits:  # and something is left to choose from
+                    valid &= processed.amax(dim=-1) > float("-inf")
                 tokens = self._sample(processed, list(seqs))
             else:
-                tokens = processed.max(dim=-1).indices
+                best, tokens = processed.max(dim=-1)  # (B,) each, in one pass
+                if processed is not logits:  # and something is left to choose from
+                    valid &= best > float("-inf")
                 if sampling:
                     rows = torch.tensor(sampling, device=self.device)
                     tokens[rows] = self._sample(processed[rows], [seqs[i] for i in sampling])
@@ -144,6 +146,8 @@ class Sampler:
         ]
         if not penalized and not biased and not suppress and forbidden is None:
             return logits, None
+        if not penalized and not biased and not suppress and len(forbidden[0]) == len(seqs):
+            return _masked_copy(logits, forbidden[1]), None  # one pass: no clone, then mask
         # Only suppression, and no row reads the model's own distribution (logprobs):
         # every request that asks for exactly n tokens, every step. Written in place: no
         # (B, V) copy, and the greedy batch keeps its one pass.
@@ -360,6 +364,16 @@ def _mask_out(x: torch.Tensor, forbidden: torch.Tensor) -> None:
         np.copyto(x.numpy(), -np.inf, where=forbidden.numpy(), casting="unsafe")
     else:
         x.masked_fill_(forbidden, float("-inf"))
+
+
+def _masked_copy(x: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
+    """x with x[forbidden] = -inf, as a new tensor: (C, V) float, (C, V) bool on x's device.
+    On the CPU by numpy's `where`, one pass that writes each entry once (a copy, then a
+    masked write, is two)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        masked = np.where(forbidden.numpy(), np.float32(-np.inf), x.numpy())
+        return torch.from_numpy(masked)
+    return x.masked_fill(forbidden, float("-inf"))
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
