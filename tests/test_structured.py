@@ -319,6 +319,32 @@ def test_masking_out_sets_exactly_the_forbidden_tokens_on_either_path():
     assert torch.equal(fast, expected) and torch.equal(slow, expected)
 
 
+def test_a_row_with_fewer_tokens_allowed_than_top_k_is_drawn_from_its_candidates():
+    """A grammar leaves a row few finite tokens: the -inf candidates past them are not
+    ties with the k-th, so the row is not drawn again over the sorted vocabulary (a sort
+    of every row, every step), and the draw is the same."""
+    from textgen.sampling import Sampler
+
+    sampler = Sampler(2, 50257, torch.device("cpu"), 50256)
+    x = torch.full((2, 50257), float("-inf"))
+    x[0, [5, 70, 900]] = torch.tensor([1.0, 2.0, 0.5])  # 3 allowed, top_k 50
+    x[1] = torch.randn(50257, generator=torch.Generator().manual_seed(3))  # free
+    seqs = [_sampled(top_k=50, seed=s) for s in (1, 2)]
+    width = sampler._width(seqs[0].params)
+    u = torch.tensor([0.3, 0.6])
+    tokens, too_narrow = sampler._draw_group(x, torch.ones(2), u, seqs, width)
+    assert too_narrow.tolist() == [False, False]
+    whole, _ = sampler._draw_group(x, torch.ones(2), u, seqs, 50257)  # the redraw's way
+    assert tokens.tolist() == whole.tolist() and tokens[0].item() in (5, 70, 900)
+
+
+def _sampled(**params):
+    from textgen.scheduler import Sequence
+
+    sp = SamplingParams(do_sample=True, **params)
+    return Sequence([1], sp, gpt2_tokenizer(), None)
+
+
 def test_the_masked_copy_equals_a_copy_then_a_mask():
     """One pass (numpy's where, float32 on the CPU; masked_fill elsewhere), the input kept."""
     generator = torch.Generator().manual_seed(2)

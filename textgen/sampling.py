@@ -273,10 +273,13 @@ class Sampler:
         values = _finite(values / temperature)
         k = [s.params.top_k if 0 < s.params.top_k < vocab else 0 for s in seqs]  # 0: none
         nucleus_only = torch.tensor([kk == 0 for kk in k], device=self.device)[:, None]
-        # Top-k keeps the candidates tied with the k-th, as transformers does.
+        # Top-k keeps the candidates tied with the k-th, as transformers does. A last
+        # candidate at -inf ties with nothing: no finite token lies past it (a row with
+        # fewer than top_k tokens allowed, as a grammar leaves most of them).
         kth = torch.tensor([kk - 1 if kk else width - 1 for kk in k], device=self.device)
         kth_value = values.gather(1, kth[:, None])  # (G, 1)
-        ties_beyond = ~nucleus_only & (values[:, -1:] >= kth_value)  # may run past W
+        last = values[:, -1:]  # (G, 1)
+        ties_beyond = ~nucleus_only & (last >= kth_value) & (last > float("-inf"))
         values = values.masked_fill(values < kth_value, float("-inf"))
         # Probabilities after top-k over its survivors, and over the whole distribution
         # for top-p alone (as transformers applies them). log_softmax, not logsumexp:
