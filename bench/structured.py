@@ -7,12 +7,20 @@
    (alternated, median of 3 runs each);
 4. time to first token of one request, free vs constrained with its grammar cached.
 
+With --http, the same questions through HTTP instead: GPT-2 124M (random weights, real
+tokenizer) served by `bentoml serve` with the CPU defaults, 8 and 32 concurrent streaming
+clients on /generate_stream, constrained (a bounded schema never whole within the
+tokens asked for) against free requests of exactly as many tokens (alternated, median of 3
+rounds each); time to first token of one request, free against constrained with its schema
+seen before and with a schema never seen (its compile, as a client sees it).
+
 With --compare, only compile times: llguidance's, then xgrammar's and outlines-core's,
 when they are installed (they are not requirements: `pip install xgrammar==0.2.8
 outlines-core==0.2.14`). Both compute every token mask of the grammar at compile time;
 llguidance builds its lexer lazily, so part of its cost is in the per-step mask time.
 
 python bench/structured.py [--model tiny|124m] [--dtype float32] [--quantize none] [--compare]
+python bench/structured.py --http [--streams 8 32]
 """
 
 from __future__ import annotations
@@ -23,13 +31,17 @@ import json
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import prepare_model, scan_events, start, stop  # bench/bench.py, beside this file
 from textgen import sampling
 from textgen.config import Settings
 from textgen.engine import Engine, ModelInfo
@@ -75,10 +87,30 @@ WIDE = {  # 300 properties, each with a pattern: a large schema
         for i in range(300)
     },
 }
+# LONG_LIST bounded: every value has a bound, and at least 40 items (over 300 tokens) are
+# never whole within 64 tokens, so a constrained stream runs as many tokens as a free one.
+BOUNDED_LIST = {
+    "type": "array",
+    "minItems": 40,
+    "maxItems": 60,
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 0, "maximum": 9999},
+            "label": {"type": "string", "maxLength": 16},
+        },
+        "required": ["id", "label"],
+        "additionalProperties": False,
+    },
+}
 CONSTRAINTS = {
     "json: person (nested, bounded)": Constraint.json_schema(PERSON, "bench"),
     "json: list of 40+ objects": Constraint.json_schema(LONG_LIST, "bench"),
-    "json: 300 properties with patterns": Constraint.json_schema(WIDE, "bench"),
+    # Past params.MAX_CONSTRAINT_CHARS (no request may send it): built here directly, to
+    # time the compiler on a large schema.
+    "json: 300 properties with patterns": Constraint(
+        "json", json.dumps(WIDE, separators=(",", ":")), "bench"
+    ),
     "json_object (any object)": Constraint.json_schema({"type": "object"}, "bench"),
     "regex: email-like": Constraint.text("regex", r"[a-z]{1,20}@[a-z]{1,20}\.(com|org)", "bench"),
     "choice: 3 strings": Constraint.choice(["positive", "negative", "neutral"], "bench"),
@@ -232,6 +264,126 @@ async def first_token(engine: Engine, constraint: Constraint | None, repeats: in
     return statistics.median(times)
 
 
+HTTP_SAMPLING = {
+    "greedy": {},
+    "sampled": {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 50},
+}
+
+
+async def http_request(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> tuple[float, int]:
+    """(seconds to the first token, tokens) of one /generate_stream request."""
+    started = time.perf_counter()
+    async with client.stream("POST", f"{url}/generate_stream", json=body) as r:
+        r.raise_for_status()
+        first, tokens, last = await scan_events(r, b'data: {"token"', started)
+    if b'"error"' in last:
+        raise RuntimeError(f"the stream ended with an error: {last!r}")
+    return first, tokens
+
+
+async def http_throughput(url: str, clients: int, body: dict[str, Any], rounds: int) -> float:
+    """Output tokens/s of `clients` concurrent clients, each sending `rounds` requests."""
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+
+        async def worker(k: int) -> int:
+            tokens = 0
+            for r in range(rounds):
+                seeded = {**body, "seed": k * rounds + r} if body.get("do_sample") else body
+                tokens += (await http_request(client, url, seeded))[1]
+            return tokens
+
+        started = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(worker(k) for k in range(clients))))
+        return tokens / (time.perf_counter() - started)
+
+
+async def http_first_tokens(url: str, bodies: list[dict[str, Any]]) -> list[float]:
+    """Seconds to the first token of each body, sent one after another."""
+    async with httpx.AsyncClient(timeout=120) as client:
+        return [(await http_request(client, url, body))[0] for body in bodies]
+
+
+def fresh_schema(k: int) -> dict[str, Any]:
+    """PERSON with one property named for `k`: a schema the server has not compiled."""
+    return {**PERSON, "properties": {**PERSON["properties"], f"note_{k}": {"type": "boolean"}}}
+
+
+def http_bench(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _, home, tag = prepare_model(work)
+        port = 3931
+        env = {
+            "BENTOML_HOME": str(home),
+            "TEXTGEN_MODEL": tag,
+            "TEXTGEN_MAX_BATCH_SIZE": "32",
+            "TEXTGEN_PREFIX_CACHING": "false",  # each request's prompt computed, as free ones
+        }
+        serve = [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration"]
+        log = work / "serve.log"
+        proc = start([*serve, "--port", str(port)], env, port, log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            http_levels(url, args)
+            http_latencies(url)
+        finally:
+            stop(proc)
+        failures = [line for line in log.read_text().splitlines() if "failed" in line]
+        if failures:
+            print("\nthe server logged failures:\n" + "\n".join(failures[:10]))
+
+
+def http_levels(url: str, args: argparse.Namespace) -> None:
+    n = args.new_tokens
+    free = {"prompt": PROMPT, "max_new_tokens": n, "min_new_tokens": n}
+    constrained = {"prompt": PROMPT, "max_new_tokens": n, "json_schema": BOUNDED_LIST}
+    asyncio.run(http_throughput(url, 4, {**constrained, "max_new_tokens": 8}, 1))  # warm
+    print(
+        f"\nthroughput through HTTP, GPT-2 124M random, CPU defaults, {n} tokens per request, "
+        "median of 3 alternated rounds"
+    )
+    print("| sampling | clients | free tok/s | constrained tok/s | constrained / free |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.sampling:
+        extra = HTTP_SAMPLING[name]
+        for clients in args.streams:
+            rounds = max(1, args.requests // clients)
+            runs = [
+                (
+                    asyncio.run(http_throughput(url, clients, {**free, **extra}, rounds)),
+                    asyncio.run(http_throughput(url, clients, {**constrained, **extra}, rounds)),
+                )
+                for _ in range(3)
+            ]
+            f = statistics.median(r[0] for r in runs)
+            c = statistics.median(r[1] for r in runs)
+            print(f"| {name} | {clients} | {f:.1f} | {c:.1f} | {c / f:.2f} |", flush=True)
+
+
+def http_latencies(url: str, repeats: int = 20) -> None:
+    """Time to first token of one request at a time: free, constrained with its schema
+    cached, and constrained with a schema never seen (compiled on its arrival)."""
+    free = {"prompt": PROMPT, "max_new_tokens": 1, "min_new_tokens": 1}
+    cached = {"prompt": PROMPT, "max_new_tokens": 1, "json_schema": PERSON}
+    asyncio.run(http_first_tokens(url, [cached, free]))  # compiles PERSON, warms both
+    pairs = asyncio.run(http_first_tokens(url, [free, cached] * repeats))
+    free_s = statistics.median(pairs[0::2])
+    cached_s = statistics.median(pairs[1::2])
+    new = [{**cached, "json_schema": fresh_schema(k)} for k in range(repeats // 2)]
+    new_s = statistics.median(asyncio.run(http_first_tokens(url, new)))
+    print(f"\ntime to first token through HTTP, one request at a time (median of {repeats})")
+    print("| request | TTFT ms | added to a free request's, ms |\n|---|---:|---:|")
+    print(f"| free | {1e3 * free_s:.1f} | – |")
+    print(f"| schema seen before | {1e3 * cached_s:.1f} | {1e3 * (cached_s - free_s):.1f} |")
+    print(
+        f"| new schema (compiled on arrival; median of {len(new)}) | {1e3 * new_s:.1f} | "
+        f"{1e3 * (new_s - free_s):.1f} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["tiny", "124m"], default="tiny")
@@ -240,7 +392,15 @@ def main() -> None:
     parser.add_argument("--grammar-threads", type=int, default=None)  # None: by device
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--compare", action="store_true")
+    parser.add_argument("--http", action="store_true", help="through bentoml serve, 124M")
+    parser.add_argument("--streams", type=int, nargs="+", default=[8, 32])  # --http
+    parser.add_argument("--sampling", nargs="+", choices=list(HTTP_SAMPLING), default=["greedy"])
+    parser.add_argument("--requests", type=int, default=64)  # --http: per level, per kind
+    parser.add_argument("--new-tokens", type=int, default=64)  # --http
     args = parser.parse_args()
+    if args.http:
+        http_bench(args)
+        return
     tokenizer = gpt2_tokenizer()
     print(f"torch threads: {torch.get_num_threads()}")
     if not args.skip_compile:

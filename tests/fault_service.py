@@ -7,6 +7,8 @@ armed once the warm-up has passed. TEXTGEN_TEST_FAULT says which fault:
 - `decode_fails`: every decode step raises, as on a device gone bad;
 - `thread_dies_after=N`: the N-th decode ends the engine thread (SystemExit);
 - `slow_decode=SECONDS`: every decode step sleeps this long first (tokens come slowly).
+- `grammar_compile_sleeps=S`: each structured-output compile first sleeps S seconds, as a
+  costly schema's would take (the compile threads stay busy; the engine does not wait).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from textgen import structured
 from textgen.engine import Engine
 from textgen.runner import GPT2Runner
 
@@ -24,6 +27,7 @@ _armed = threading.Event()
 _calls = [0]
 _decode = GPT2Runner.decode
 _warm_up = Engine.warm_up
+_grammar_text = structured.grammar_text
 
 
 def _faulty_decode(self: GPT2Runner, *args: Any) -> Any:
@@ -38,6 +42,12 @@ def _faulty_decode(self: GPT2Runner, *args: Any) -> Any:
     return _decode(self, *args)
 
 
+def _slow_grammar_text(constraint: Any) -> str:
+    if _armed.is_set() and FAULT.startswith("grammar_compile_sleeps="):
+        time.sleep(float(FAULT.split("=")[1]))
+    return _grammar_text(constraint)
+
+
 def _warm_up_then_arm(self: Engine) -> None:
     _warm_up(self)
     _armed.set()
@@ -45,6 +55,7 @@ def _warm_up_then_arm(self: Engine) -> None:
 
 GPT2Runner.decode = _faulty_decode  # type: ignore[method-assign]
 Engine.warm_up = _warm_up_then_arm  # type: ignore[method-assign]
+structured.grammar_text = _slow_grammar_text
 
 from service import TextGeneration  # noqa: E402  (after the patches, which it must see)
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -16,14 +19,15 @@ import llguidance
 import pytest
 import torch
 
-from tests.conftest import make_engine, run
+from tests.conftest import ROOT, make_engine, run
 from textgen import structured
 from textgen.config import Settings
 from textgen.models import gpt2_tokenizer
 from textgen.params import Constraint, ParamError, SamplingParams, one_constraint
-from textgen.sampling import _mask_out
+from textgen.sampling import _mask_out, _masked_copy
 from textgen.scheduler import FinishEvent, Status, TokenEvent
 from textgen.structured import (
+    CompilerBusy,
     GrammarCompiler,
     GrammarError,
     GrammarMatcher,
@@ -315,6 +319,45 @@ def test_masking_out_sets_exactly_the_forbidden_tokens_on_either_path():
     assert torch.equal(fast, expected) and torch.equal(slow, expected)
 
 
+def test_a_row_with_fewer_tokens_allowed_than_top_k_is_drawn_from_its_candidates():
+    """A grammar leaves a row few finite tokens: the -inf candidates past them are not
+    ties with the k-th, so the row is not drawn again over the sorted vocabulary (a sort
+    of every row, every step), and the draw is the same."""
+    from textgen.sampling import Sampler
+
+    sampler = Sampler(2, 50257, torch.device("cpu"), 50256)
+    x = torch.full((2, 50257), float("-inf"))
+    x[0, [5, 70, 900]] = torch.tensor([1.0, 2.0, 0.5])  # 3 allowed, top_k 50
+    x[1] = torch.randn(50257, generator=torch.Generator().manual_seed(3))  # free
+    seqs = [_sampled(top_k=50, seed=s) for s in (1, 2)]
+    width = sampler._width(seqs[0].params)
+    u = torch.tensor([0.3, 0.6])
+    tokens, too_narrow = sampler._draw_group(x, torch.ones(2), u, seqs, width)
+    assert too_narrow.tolist() == [False, False]
+    whole, _ = sampler._draw_group(x, torch.ones(2), u, seqs, 50257)  # the redraw's way
+    assert tokens.tolist() == whole.tolist() and tokens[0].item() in (5, 70, 900)
+
+
+def _sampled(**params):
+    from textgen.scheduler import Sequence
+
+    sp = SamplingParams(do_sample=True, **params)
+    return Sequence([1], sp, gpt2_tokenizer(), None)
+
+
+def test_the_masked_copy_equals_a_copy_then_a_mask():
+    """One pass (numpy's where, float32 on the CPU; masked_fill elsewhere), the input kept."""
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 50257, generator=generator)
+    forbidden = torch.rand(3, 50257, generator=generator) < 0.7
+    kept = logits.clone()
+    expected = logits.masked_fill(forbidden, float("-inf"))
+    for x in (logits, logits.double()):
+        copied = _masked_copy(x, forbidden)
+        assert copied.dtype == x.dtype and torch.equal(copied, expected.to(x.dtype))
+    assert torch.equal(logits, kept)
+
+
 def test_masks_filled_in_turn_equal_the_batched_fill(compiler):
     """Threads 0 (the engine thread, one matcher after another) and a pool: same bits."""
     grammar = compiler.compile_blocking(Constraint.json_schema(PERSON, "guided_json"))
@@ -363,7 +406,13 @@ def test_a_matcher_in_an_error_state_fails_its_sequence(eng, compiler):
     events = run(with_a_broken_matcher())
     assert [type(e) for e in events] == [FinishEvent]
     assert events[0].status is Status.FAILED
-    assert events[0].error.startswith("generation failed: ") and "unknown name" in events[0].error
+    # The request's constraint failed, not the engine: its field is named, for a 4xx.
+    assert events[0].param == "guided_regex"
+    assert events[0].error.startswith(
+        "guided_regex: the output constraint failed after 0 generated tokens: "
+    )
+    assert "unknown name" in events[0].error
+    assert eng.health() is None
 
 
 @pytest.mark.parametrize(
@@ -420,3 +469,168 @@ def test_regexes_inside_schemas_and_grammars_are_bounded_too(make, param):
         make()
     assert err.value.param == param
     assert "allow 90000 repeats, more than 4096" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("schema", "spec"),
+    [(True, "{}"), ("true", "{}"), ({"type": "object"}, '{"type":"object"}')],
+)
+def test_the_schema_true_is_any_json_value(schema, spec):
+    assert Constraint.json_schema(schema, "guided_json").spec == spec
+
+
+@pytest.mark.parametrize("schema", [False, "false"])
+def test_the_schema_false_allows_nothing(schema):
+    with pytest.raises(ParamError) as err:
+        Constraint.json_schema(schema, "guided_json")
+    assert err.value.param == "guided_json"
+    assert str(err.value) == "guided_json: the schema false allows no value"
+
+
+@pytest.mark.parametrize("schema", [1, [], "null", "3"])
+def test_a_schema_that_is_neither_object_nor_boolean_is_refused(schema):
+    with pytest.raises(ParamError) as err:
+        Constraint.json_schema(schema, "guided_json")
+    assert str(err.value).startswith(
+        "guided_json must be a JSON schema (an object or a boolean), got "
+    )
+
+
+def test_the_schema_true_compiles_and_generates_json(eng):
+    constraint = Constraint.json_schema(True, "guided_json")
+    params = SamplingParams(max_new_tokens=40, do_sample=True, seed=1, constraint=constraint)
+    _, final = run(_generate(eng, "Anything:", params))
+    assert final.status in (Status.FINISHED_STOP, Status.FINISHED_LENGTH)
+    if final.status is Status.FINISHED_STOP:
+        json.loads(final.text)
+
+
+def test_past_the_waiting_bound_a_new_constraint_is_refused(monkeypatch):
+    """Two threads busy, one compile waiting (the bound): a new constraint is refused;
+    a cached one, or the waiting one's, is not. With no compile running, nothing is."""
+    release = threading.Event()
+    real = structured.grammar_text
+
+    def held(constraint):
+        release.wait(30)
+        return real(constraint)
+
+    monkeypatch.setattr(structured, "grammar_text", held)
+    c = GrammarCompiler(gpt2_tokenizer(), 50257, workers=2, max_waiting=1)
+    try:
+        regexes = [Constraint.text("regex", f"[0-9]{{{k}}}", "regex") for k in (1, 2, 3, 4)]
+        futures = [c.submit(r) for r in regexes[:3]]
+        with pytest.raises(CompilerBusy) as err:
+            c.submit(regexes[3])
+        assert str(err.value) == (
+            "new output constraints waiting to compile: 1 of 1 allowed "
+            "(TEXTGEN_MAX_GRAMMAR_COMPILES_WAITING)"
+        )
+        assert c.submit(regexes[2]) is futures[2]  # the waiting one's: joins it
+        release.set()
+        for future in futures:
+            future.result(30)
+        assert c.compile_blocking(regexes[3]).constraint == regexes[3]
+    finally:
+        release.set()
+        c.shutdown()
+
+
+def test_no_compile_may_wait_when_the_bound_is_zero(monkeypatch):
+    release = threading.Event()
+    real = structured.grammar_text
+    monkeypatch.setattr(
+        structured, "grammar_text", lambda constraint: release.wait(30) and real(constraint)
+    )
+    c = GrammarCompiler(gpt2_tokenizer(), 50257, workers=1, max_waiting=0)
+    try:
+        first = c.submit(Constraint.text("regex", "a", "regex"))  # a free thread: taken
+        with pytest.raises(CompilerBusy):
+            c.submit(Constraint.text("regex", "b", "regex"))
+        release.set()
+        first.result(30)
+        c.compile_blocking(Constraint.text("regex", "b", "regex"))
+    finally:
+        release.set()
+        c.shutdown()
+
+
+# The deepest constraints MAX_CONSTRAINT_CHARS lets through: llguidance's compiler
+# recurses once per link, and needs more stack for them than 1 MiB.
+DEEP = {
+    "lark": "start: r0\n" + "".join(f"r{i}: r{i + 1}\n" for i in range(1400)) + 'r1400: "x"\n',
+    "ref": json.dumps(
+        {
+            "$ref": "#/$defs/d0",
+            "$defs": {
+                f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}}
+                for i in range(230)
+            }
+            | {"d230": {"type": "string"}},
+        },
+        separators=(",", ":"),
+    ),
+}
+COMPILE_DEEP = textwrap.dedent(
+    """
+    import sys, threading
+    from textgen.models import gpt2_tokenizer
+    from textgen.params import Constraint
+    from textgen.structured import GrammarCompiler
+    lark, ref, plain = sys.stdin.read().split("\\0")
+    constraints = [
+        Constraint.text("grammar", lark, "guided_grammar"),
+        Constraint.json_schema(ref, "guided_json"),
+    ]
+    compiler = GrammarCompiler(gpt2_tokenizer(), 50257, timeout_s=120)
+    compiler.tokenizer  # built on this thread
+    if plain == "plain":  # on a thread of the default stack, `ulimit -s`
+        thread = threading.Thread(target=lambda: [compiler._build(c) for c in constraints])
+        thread.start()
+        thread.join()
+    else:
+        for c in constraints:
+            compiler.compile_blocking(c)
+    print("compiled", flush=True)
+    """
+)
+
+
+def _compile_deep_with_small_stacks(how: str) -> subprocess.CompletedProcess:
+    """The deep constraints compiled in a child whose `ulimit -s` is 1 MiB."""
+    for text in DEEP.values():
+        assert len(text) <= 16_384  # within the bound: a request may send them
+    return subprocess.run(
+        [
+            "bash",
+            "-c",
+            'ulimit -c 0; ulimit -s 1024; exec "$0" -c "$1"',
+            sys.executable,
+            COMPILE_DEEP,
+        ],
+        input="\0".join([DEEP["lark"], DEEP["ref"], how]),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_constraints_at_the_bound_compile_whatever_ulimit_s_says():
+    """The compile threads have stacks of their own size: with `ulimit -s` at 1 MiB the
+    deepest constraints within the bound compile, where a thread of the default stack
+    (the control) crashes the process."""
+    done = _compile_deep_with_small_stacks("pool")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "compiled"
+    control = _compile_deep_with_small_stacks("plain")
+    assert control.returncode < 0 and "compiled" not in control.stdout  # SIGSEGV
+
+
+def test_the_stack_size_comes_back_after_the_compile_threads_start():
+    before = threading.stack_size()
+    c = GrammarCompiler(gpt2_tokenizer(), 50257)
+    try:
+        assert threading.stack_size() == before
+    finally:
+        c.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -20,7 +21,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from tests.conftest import stream_tokens
+from tests.conftest import start_server, stop_server, stream_tokens
 
 MAX_TOKENS = 200
 SAMPLED_SEEDS = range(4)
@@ -254,7 +255,7 @@ def test_openapi_document_types_the_native_constraints(server):
     ]
     assert bodies
     for fields in bodies:
-        assert fields["json_schema"]["type"] == "object"
+        assert [v["type"] for v in fields["json_schema"]["anyOf"]] == ["object", "boolean"]
         assert fields["regex"]["type"] == "string"
         assert fields["choice"]["type"] == "array"
 
@@ -411,3 +412,189 @@ def test_free_requests_beside_constrained_ones_keep_their_greedy_text(server):
         together = [pool.submit(free, p) for p in prompts]
         assert [f.result() for f in together] == alone
         assert all(f.result() == "stop" for f in busy)
+
+
+# -- the boolean schemas -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/completions", {"guided_json": True}),
+        ("/v1/completions", {"guided_json": "true"}),
+        (
+            "/v1/completions",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "t", "schema": True},
+                }
+            },
+        ),
+        ("/generate", {"json_schema": True}),
+    ],
+)
+def test_the_schema_true_allows_any_json_value(server, route, body):
+    """JSON Schema's `true` is `{}`: any JSON value. With random weights it may not end
+    within the tokens given; where it ends by itself, its text parses."""
+    budget = "max_new_tokens" if route == "/generate" else "max_tokens"
+    for seed in range(3):
+        r = post(server, route, {"prompt": "x", budget: 40, "temperature": 1, "seed": seed, **body})
+        assert r.status_code == 200, r.text
+        if route == "/generate":
+            text, reason = r.json()["generated"], r.json()["finish_reason"]
+        else:
+            text, reason = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+        if reason in ("stop", "eos"):
+            json.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", {"guided_json": False}, "guided_json"),
+        ("/v1/completions", {"guided_json": "false"}, "guided_json"),
+        (
+            "/v1/chat/completions",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "f", "schema": False},
+                }
+            },
+            "response_format",
+        ),
+        ("/generate", {"json_schema": False}, "json_schema"),
+        ("/generate_stream", {"json_schema": False}, "json_schema"),
+    ],
+)
+def test_the_schema_false_is_a_400_naming_the_field(server, route, body, param):
+    base = {"messages": [{"role": "user", "content": "x"}]} if "chat" in route else {"prompt": "x"}
+    r = post(server, route, {**base, **body})
+    assert r.status_code == 400, r.text
+    message = f"{param}: the schema false allows no value"
+    if route.startswith("/v1"):
+        assert r.json()["error"]["message"] == message
+        assert r.json()["error"]["param"] == param
+    else:
+        assert r.json()["error"] == message
+        assert r.json()["detail"][0]["loc"] == [param]
+
+
+# -- a grammar that fails mid-output ---------------------------------------------------
+
+# Fifty ambiguous rules side by side: the Earley row grows with every "a", and a few
+# tokens in it passes llguidance's 2000 items per row. It compiles (the first rows are
+# small), and fails mid-output.
+AMBIGUOUS = (
+    "start: "
+    + " | ".join(f"x{i}" for i in range(50))
+    + "\n"
+    + "".join(f'x{i}: x{i} x{i} | "a"\n' for i in range(50))
+)
+NO_EOS = {"logit_bias": {"50256": -100}}  # the model would rather go on than end
+
+
+def _log_tail(server, start: int) -> str:
+    with server.log.open(errors="replace") as f:
+        f.seek(start)
+        return f.read()
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_grammar_past_a_per_step_limit_is_a_400_naming_the_field(server, route):
+    base = {"messages": [{"role": "user", "content": "x"}]} if "chat" in route else {"prompt": "x"}
+    start = server.log.stat().st_size
+    body = {**base, "max_tokens": 64, "temperature": 0, "guided_grammar": AMBIGUOUS, **NO_EOS}
+    r = post(server, route, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "guided_grammar"
+    assert error["type"] == "invalid_request_error"
+    assert re.fullmatch(
+        r"guided_grammar: the output constraint failed after \d+ generated tokens: "
+        r"Parser Error: Current row has \d+ items; max is 2000; .*",
+        error["message"],
+    ), error["message"]
+    log = _log_tail(server, start)
+    assert "failed" not in log.replace("status=400", ""), log  # no step failed, no traceback
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_grammar_past_a_per_step_limit_ends_a_stream_with_an_error_event(server, route):
+    base = {"messages": [{"role": "user", "content": "x"}]} if "chat" in route else {"prompt": "x"}
+    body = {**base, "max_tokens": 64, "temperature": 0, "stream": True, "guided_grammar": AMBIGUOUS}
+    r = post(server, route, {**body, **NO_EOS})
+    assert r.status_code == 200
+    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["param"] == "guided_grammar"
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("guided_grammar: the output constraint failed after ")
+    assert "max is 2000" in error["message"]
+    text = "".join(
+        (c.get("text") or c.get("delta", {}).get("content") or "")
+        for e in events[:-2]
+        for c in json.loads(e)["choices"]
+    )
+    assert text and set(text) == {"a"}  # what came before the failure, as generated
+
+
+# -- a bounded compile queue ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_compiles(model_store, tmp_path_factory):
+    """Compiles that take 6 s each (tests/fault_service.py), 2 compile threads, and at
+    most 1 new constraint waiting for one."""
+    home, tag = model_store
+    srv = start_server(
+        home,
+        tag,
+        tmp_path_factory.mktemp("logs") / "slow_compiles.log",
+        service="tests.fault_service:TextGeneration",
+        TEXTGEN_TEST_FAULT="grammar_compile_sleeps=6",
+        TEXTGEN_MAX_GRAMMAR_COMPILES_WAITING="1",
+        TEXTGEN_GRAMMAR_COMPILE_SECONDS="60",
+    )
+    yield srv
+    stop_server(srv)
+
+
+def test_past_the_compile_queue_a_new_constraint_is_a_429_with_retry_after(slow_compiles):
+    """Two compiles run, one waits; a fourth new constraint is refused at once, on both
+    route families. The same constraint as a waiting one joins it; the rest finish."""
+    url = slow_compiles.url
+
+    def native(regex: str) -> httpx.Response:
+        body = {"prompt": "x", "max_new_tokens": 3, "regex": regex}
+        return httpx.post(f"{url}/generate", json=body, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        queued = [pool.submit(native, f"[0-9]{{{k}}}") for k in (1, 2, 3)]
+        time.sleep(3)  # the three are in: two compiling, one waiting
+        started = time.monotonic()
+        refused = native("[0-9]{4}")
+        openai_refused = httpx.post(
+            f"{url}/v1/completions",
+            json={"prompt": "x", "max_tokens": 3, "guided_regex": "[a-z]{4}"},
+            timeout=120,
+        )
+        assert time.monotonic() - started < 2  # no wait for a turn
+        joined = pool.submit(native, "[0-9]{3}")  # the waiting one's own constraint
+        assert [f.result().status_code for f in queued] == [200, 200, 200]
+        assert joined.result().status_code == 200
+    message = (
+        "server is at capacity: new output constraints waiting to compile: 1 of 1 allowed "
+        "(TEXTGEN_MAX_GRAMMAR_COMPILES_WAITING); retry later"
+    )
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"] == message
+    assert openai_refused.status_code == 429
+    assert openai_refused.headers["retry-after"] == "1"
+    assert openai_refused.json()["error"]["message"] == message
+    assert openai_refused.json()["error"]["type"] == "rate_limit_error"
+    assert native("[0-9]{4}").status_code == 200  # the queue drained: compiled now

@@ -149,6 +149,8 @@ async def generate(
     if final is None:
         return error(499, "client closed the request")
     if final.status is Status.FAILED:
+        if final.param is not None:  # what the request sent failed it, not the server
+            return error(400, final.error or "generation failed", final.param)
         return error(500, final.error or "generation failed")
     generated = request.prompt + final.text if request.return_full_text else final.text
     return GenerateResponse(

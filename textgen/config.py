@@ -129,6 +129,8 @@ class Settings:
     keep_alive_seconds: float = 75.0  # an idle connection is closed after this (textgen/keepalive)
     grammar_compile_seconds: float = 5.0  # a constraint not compiled within this: 400
     grammar_cache_size: int = 64  # compiled constraints kept (LRU)
+    # new constraints waiting for a compile thread; past it a new one gets 429
+    max_grammar_compiles_waiting: int = 16
     # Threads filling a step's token masks together (llguidance's batched fill); 0: one
     # mask after another on the engine thread; None: 0 when the model runs on the CPU
     # (its threads own the cores), else GRAMMAR_THREADS_BESIDE_ACCELERATOR
@@ -190,6 +192,7 @@ class Settings:
             keep_alive_seconds=_env_float("TEXTGEN_KEEP_ALIVE_SECONDS", 75.0, 0.0, 86400.0),
             grammar_compile_seconds=_env_float("TEXTGEN_GRAMMAR_COMPILE_SECONDS", 5.0, 0.0, 3600.0),
             grammar_cache_size=_env_int("TEXTGEN_GRAMMAR_CACHE_SIZE", 64, 1),
+            max_grammar_compiles_waiting=_env_int("TEXTGEN_MAX_GRAMMAR_COMPILES_WAITING", 16, 0),
             grammar_threads=_env_int("TEXTGEN_GRAMMAR_THREADS", 0, 0)
             if os.environ.get("TEXTGEN_GRAMMAR_THREADS", "").strip()
             else None,  # unset: chosen by the device (the engine)

@@ -52,7 +52,13 @@ from textgen.scheduler import (
     Sequence,
     Status,
 )
-from textgen.structured import Grammar, GrammarCompiler, MaskBuilder
+from textgen.structured import (
+    CompilerBusy,
+    Grammar,
+    GrammarCompiler,
+    MaskBuilder,
+    grammar_failed,
+)
 from textgen.text import TokenTable
 
 # A child of BentoML's logger, so `bentoml serve` shows these lines in its own format.
@@ -140,6 +146,7 @@ class Engine:
             self.vocab_size,
             cache_size=settings.grammar_cache_size,
             timeout_s=settings.grammar_compile_seconds,
+            max_waiting=settings.max_grammar_compiles_waiting,
         )
         self._stopping = threading.Event()
         self._dead: str | None = None  # why the engine stopped, once it has
@@ -193,8 +200,14 @@ class Engine:
 
     async def grammar(self, constraint: Constraint | None) -> Grammar | None:
         """The compiled constraint (None for free text), compiled off the engine thread.
-        Raises GrammarError (a ParamError) when it is invalid or not compiled in time."""
-        return None if constraint is None else await self.grammars.compile(constraint)
+        Raises GrammarError (a ParamError) when it is invalid or not compiled in time, and
+        EngineOverloaded when it is new and too many compiles wait already."""
+        if constraint is None:
+            return None
+        try:
+            return await self.grammars.compile(constraint)
+        except CompilerBusy as exc:
+            raise EngineOverloaded(str(exc)) from None
 
     def new_sequence(
         self, prompt_ids: list[int], params: SamplingParams, grammar: Grammar | None = None
@@ -525,9 +538,14 @@ class Engine:
                 continue
             grammar = seq.grammar
             if grammar is not None and not grammar.advance(token_id):
-                # Only a matcher in an error state (a limit hit mid-output) rejects the
-                # token its own mask allowed: the output would not match, so it fails.
-                seq.finish(Status.FAILED, error=f"generation failed: {grammar.error}")
+                # Only a matcher in an error state rejects the token its own mask allowed:
+                # the request's grammar hit one of llguidance's per-step limits (Earley
+                # items, lexer fuel) mid-output. The output would not match, so it fails,
+                # as the client's error (its field named), not the engine's.
+                constraint = seq.params.constraint
+                param = constraint.param if constraint is not None else None
+                error = grammar_failed(param or "constraint", grammar, len(seq.output_ids))
+                seq.finish(Status.FAILED, error=error, param=param)
                 continue
             if seq.token_logprobs is not None:
                 seq.token_logprobs.append(logprobs[i])

@@ -331,6 +331,8 @@ class _Choice:
 
 
 def _finish_reason(event: FinishEvent) -> str:
+    if event.status is Status.FAILED and event.param is not None:  # the request's own doing
+        raise OpenAIError(400, event.error or "generation failed", event.param)
     if event.status not in FINISH_REASONS:
         raise OpenAIError(
             500, event.error or f"generation ended: {event.status.value}", type_="server_error"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from textgen.errors import OpenAIError
 from textgen.openapi30 import OpenAPI30Schema
@@ -45,7 +45,7 @@ class JsonSchemaFormat(BaseModel):
     name: str | None = None
     description: str | None = None
     # "schema" is a BaseModel attribute; the wire name is an alias
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: dict[str, Any] | StrictBool | None = Field(None, alias="schema")
     strict: bool | None = None  # the schema is always enforced, strict or not
 
 
@@ -96,7 +96,7 @@ class _Sampling(OpenAPI30Schema, BaseModel):
     include_stop_str_in_output: bool = False
     # Structured output (at most one): OpenAI's, then vLLM's
     response_format: ResponseFormat | None = None
-    guided_json: dict[str, Any] | str | None = None
+    guided_json: dict[str, Any] | StrictBool | str | None = None  # a schema, or its JSON text
     guided_regex: str | None = None
     guided_choice: Texts | None = None
     guided_grammar: str | None = None  # Lark, or GBNF (llama.cpp's)

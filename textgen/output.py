@@ -145,8 +145,9 @@ class SequenceOutput:
                     self._cancel(self.seq)
                 self._finish(ended, None, cached_tokens)
                 return
-        if status is not None:
-            self._finish(status, error, cached_tokens, prompt_logprobs)
+        if status is not None:  # the engine's (FAILED: set before this delta was handed over)
+            param = self.seq.error_param if status is Status.FAILED else None
+            self._finish(status, error, cached_tokens, prompt_logprobs, param)
 
     def fail(self, error: str, cached_tokens: int) -> None:
         """Ends it as failed from the output side; the engine's sequence is cancelled."""
@@ -193,10 +194,13 @@ class SequenceOutput:
         error: str | None,
         cached_tokens: int,
         prompt_logprobs: list[PromptLogprob] | None = None,
+        param: str | None = None,
     ) -> None:
         self.finished = True
         event = FinishEvent(status, self.text, self.prompt_tokens, self.tokens, error)
-        event = replace(event, cached_tokens=cached_tokens, prompt_logprobs=prompt_logprobs)
+        event = replace(
+            event, cached_tokens=cached_tokens, prompt_logprobs=prompt_logprobs, param=param
+        )
         self.queue.put_nowait((self.seq.request_id, event))
         try:  # a metrics failure must not cost a client its events
             self._metrics.requests.labels(self.label, status.finish_reason).inc()

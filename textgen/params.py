@@ -74,16 +74,24 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: Any, param: str) -> Constraint:
-        """A JSON schema given as an object, a boolean or JSON text."""
+        """A JSON schema given as an object, a boolean or JSON text. The boolean schemas are
+        JSON Schema's: `true` allows any JSON value (as `{}` does), `false` allows none
+        (a ParamError: no output could match)."""
         if isinstance(schema, str):
             _bounded(schema, param)
             try:
                 schema = json.loads(schema)
             except (ValueError, RecursionError) as exc:
                 raise ParamError(param, f"{param} is not valid JSON: {exc}") from None
-        if not isinstance(schema, dict | bool):
+        if schema is False:
+            raise ParamError(param, f"{param}: the schema false allows no value")
+        if schema is True:
+            schema = {}  # llguidance takes object schemas only; {} is true's equal
+        if not isinstance(schema, dict):
             raise ParamError(
-                param, f"{param} must be a JSON schema object, got {type(schema).__name__}"
+                param,
+                f"{param} must be a JSON schema (an object or a boolean), "
+                f"got {type(schema).__name__}",
             )
         try:
             text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)

@@ -140,6 +140,8 @@ class Sampler:
         ]
         if not penalized and not biased and not suppress and forbidden is None:
             return logits, None
+        if not penalized and not biased and not suppress and len(forbidden[0]) == len(seqs):
+            return _masked_copy(logits, forbidden[1]), None  # one pass: no clone, then mask
         # Only suppression, and no row reads the model's own distribution (logprobs):
         # every request that asks for exactly n tokens, every step. Written in place: no
         # (B, V) copy, and the greedy batch keeps its one pass.
@@ -265,10 +267,13 @@ class Sampler:
         values = _finite(values / temperature)
         k = [s.params.top_k if 0 < s.params.top_k < vocab else 0 for s in seqs]  # 0: none
         nucleus_only = torch.tensor([kk == 0 for kk in k], device=self.device)[:, None]
-        # Top-k keeps the candidates tied with the k-th, as transformers does.
+        # Top-k keeps the candidates tied with the k-th, as transformers does. A last
+        # candidate at -inf ties with nothing: no finite token lies past it (a row with
+        # fewer than top_k tokens allowed, as a grammar leaves most of them).
         kth = torch.tensor([kk - 1 if kk else width - 1 for kk in k], device=self.device)
         kth_value = values.gather(1, kth[:, None])  # (G, 1)
-        ties_beyond = ~nucleus_only & (values[:, -1:] >= kth_value)  # may run past W
+        last = values[:, -1:]  # (G, 1)
+        ties_beyond = ~nucleus_only & (last >= kth_value) & (last > float("-inf"))
         values = values.masked_fill(values < kth_value, float("-inf"))
         # Probabilities after top-k over its survivors, and over the whole distribution
         # for top-p alone (as transformers applies them). log_softmax, not logsumexp:
@@ -375,6 +380,16 @@ def _mask_out(x: torch.Tensor, forbidden: torch.Tensor) -> None:
         np.copyto(x.numpy(), -np.inf, where=forbidden.numpy(), casting="unsafe")
     else:
         x.masked_fill_(forbidden, float("-inf"))
+
+
+def _masked_copy(x: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
+    """x with x[forbidden] = -inf, as a new tensor: (C, V) float, (C, V) bool on x's device.
+    On the CPU by numpy's `where`, one pass that writes each entry once (a copy, then a
+    masked write, is two)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        masked = np.where(forbidden.numpy(), np.float32(-np.inf), x.numpy())
+        return torch.from_numpy(masked)
+    return x.masked_fill(forbidden, float("-inf"))
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

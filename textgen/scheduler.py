@@ -78,6 +78,9 @@ class FinishEvent:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     # As TokenEvent's: here when the sequence made no token (max_new_tokens 0, a failure).
     prompt_logprobs: list[PromptLogprob] | None = None
+    # FAILED by what the request sent (its output constraint hit a grammar-engine limit
+    # mid-output): the wire field at fault, and the client gets a 4xx; None: the server's.
+    param: str | None = None
 
 
 Event = TokenEvent | FinishEvent
@@ -112,6 +115,7 @@ class Sequence:
     cancel_requested: bool = False  # set from any thread; honoured at the next step
     arrival_time: float = field(default_factory=time.perf_counter)
     error: str | None = None  # why it failed, once it has
+    error_param: str | None = None  # FAILED by what the request sent: the field at fault
     # Written by the engine thread only: output tokens handed to the output side, and
     # whether its finish was (once it is, nothing more is handed over).
     delivered: int = 0
@@ -163,10 +167,12 @@ class Sequence:
         elif complete:
             self.finish(Status.FINISHED_STOP)
 
-    def finish(self, status: Status, error: str | None = None) -> None:
+    def finish(self, status: Status, error: str | None = None, param: str | None = None) -> None:
+        """Ends the sequence (a no-op once it has ended). `param`: for FAILED, the request
+        field at fault when the request, not the server, caused the failure."""
         if self.status.finished:
             return
-        self.status, self.error = status, error
+        self.status, self.error, self.error_param = status, error, param
 
 
 # A prompt sharing this many tokens more with one admitted in the same step than the

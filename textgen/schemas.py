@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Self
 
 from bentoml import IODescriptor
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from textgen import jsonbody
@@ -117,9 +117,10 @@ class GenerateRequest(OpenAPI30Schema, ValueNamingModel, IODescriptor):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling.")
     return_full_text: bool = Field(False, description="Prepend the prompt to `generated`.")
     # Structured output: at most one of the three.
-    json_schema: dict[str, Any] | None = Field(
+    json_schema: dict[str, Any] | StrictBool | None = Field(
         None,
-        description="The text is JSON matching this schema (finish_reason stop: it is whole).",
+        description="The text is JSON matching this schema (finish_reason stop: it is whole); "
+        "true: any JSON value.",
         examples=[{"type": "object", "properties": {"answer": {"type": "string"}}}],
     )
     regex: str | None = Field(None, description="The text matches this regular expression.")

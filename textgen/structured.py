@@ -3,6 +3,9 @@
 - `GrammarCompiler` turns a request's `Constraint` into a `Grammar` on its own threads,
   never the engine's, within a time limit (past it the request gets a 400 and the
   engine never waited), and caches grammars by constraint in an LRU bounded in entries.
+  Its threads have stacks of COMPILE_STACK_BYTES whatever `ulimit -s` says (llguidance's
+  compiler recurses), and at most `max_waiting` compiles wait for one (past it:
+  CompilerBusy, the client retries).
 - Each constrained sequence holds a `GrammarMatcher`: a copy of its grammar's pristine
   matcher, advanced by every token the sequence generates.
 - `MaskBuilder` fills the token masks of a step's constrained rows (llguidance's
@@ -22,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
+import queue
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +52,17 @@ JSON_DEFAULTS = {"whitespace_flexible": False}
 # step): they keep a compile and each mask finite whatever the grammar; the time limit
 # is the engine's. verbose_errors off: the message names the problem, not parser state.
 LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+# Each compile thread's stack. llguidance's compiler recurses (on `$ref` and rule chains)
+# and crashes the process when it overflows; params.MAX_CONSTRAINT_CHARS bounds the depth,
+# and the deepest constraint within it needs a few MiB. A thread's default stack is
+# `ulimit -s` (8 MiB on most Linux, less where an operator sets it), so it is set here,
+# with a wide margin. Address space only: pages a compile never touches are never used.
+COMPILE_STACK_BYTES = 64 << 20
+_stack_size_lock = threading.Lock()  # threading.stack_size is process-wide
+
+
+class CompilerBusy(Exception):
+    """Too many compiles are waiting for a compile thread; the client should retry."""
 
 
 class GrammarError(ParamError):
@@ -115,6 +132,85 @@ def _named(constraint: Constraint, exc: _Invalid) -> GrammarError:
     return GrammarError(constraint.param, f"{constraint.param}: {text}")
 
 
+def grammar_failed(param: str, matcher: GrammarMatcher, tokens: int) -> str:
+    """The client's message for a grammar that failed mid-output, after `tokens` tokens:
+    its field, and llguidance's message."""
+    text = (matcher.error or "the grammar rejected a token").replace("<non-verbose/>", "")
+    text = text.strip()
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    return f"{param}: the output constraint failed after {tokens} generated tokens: {text}"
+
+
+@contextlib.contextmanager
+def thread_stack_size(size: int) -> Iterator[None]:
+    """Threads started inside get stacks of `size` bytes; the old size comes back after."""
+    with _stack_size_lock:
+        old = threading.stack_size(size)
+        try:
+            yield
+        finally:
+            threading.stack_size(old)
+
+
+class CompileThreads:
+    """A fixed set of threads, started at once with their own stack size, running jobs in
+    submission order."""
+
+    def __init__(self, workers: int, stack_bytes: int, name: str = "textgen-grammar") -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._pending = 0  # jobs submitted and not yet done (running or waiting)
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+            for i in range(workers)
+        ]
+        with thread_stack_size(stack_bytes):
+            for thread in self._threads:
+                thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Jobs no thread has taken yet (as the number of threads tells)."""
+        with self._lock:
+            return max(0, self._pending - len(self._threads))
+
+    @property
+    def busy(self) -> bool:
+        """Every thread has a job: a job submitted now would wait."""
+        with self._lock:
+            return self._pending >= len(self._threads)
+
+    def submit(self, fn: Callable[[Constraint], Grammar], arg: Constraint) -> _Future:
+        future: _Future = concurrent.futures.Future()
+        with self._lock:
+            self._pending += 1
+        self._jobs.put((future, fn, arg))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, arg = job
+            try:
+                if future.set_running_or_notify_cancel():
+                    future.set_result(fn(arg))
+            except BaseException as exc:  # the waiting request hears it, whatever it is
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def shutdown(self) -> None:
+        """Cancels the jobs still waiting; the running ones finish, then the threads end."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    job[0].cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
 class GrammarCompiler:
     """Compiles constraints off the engine thread, with a time limit and an LRU cache.
 
@@ -129,13 +225,15 @@ class GrammarCompiler:
         cache_size: int = 64,
         timeout_s: float = 5.0,
         workers: int = 2,
+        max_waiting: int = 16,
     ) -> None:
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.cache_size = cache_size  # grammars kept, least recently used dropped first
         self.timeout_s = timeout_s  # from submission to compiled, queueing included
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "textgen-grammar")
-        self._cache: OrderedDict[Constraint, concurrent.futures.Future[Grammar]] = OrderedDict()
+        self.max_waiting = max_waiting  # compiles queued for a thread before CompilerBusy
+        self._pool = CompileThreads(workers, COMPILE_STACK_BYTES)
+        self._cache: OrderedDict[Constraint, _Future] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
 
@@ -152,13 +250,20 @@ class GrammarCompiler:
     def __len__(self) -> int:
         return len(self._cache)
 
-    def submit(self, constraint: Constraint) -> concurrent.futures.Future[Grammar]:
-        """The constraint's compile, cached or started now."""
+    def submit(self, constraint: Constraint) -> _Future:
+        """The constraint's compile, cached (or on its way) or queued now. Raises
+        CompilerBusy when it is new and `max_waiting` compiles already wait."""
         with self._lock:
             future = self._cache.get(constraint)
             if future is not None and not future.cancelled():
                 self._cache.move_to_end(constraint)
                 return future
+            waiting = self._pool.waiting
+            if waiting >= self.max_waiting and self._pool.busy:
+                raise CompilerBusy(
+                    f"new output constraints waiting to compile: {waiting} of "
+                    f"{self.max_waiting} allowed (TEXTGEN_MAX_GRAMMAR_COMPILES_WAITING)"
+                )
             future = self._pool.submit(self._build, constraint)
             self._cache[constraint] = future
             while len(self._cache) > self.cache_size:
@@ -188,9 +293,7 @@ class GrammarCompiler:
         except _Invalid as exc:
             raise _named(constraint, exc) from None
 
-    def _too_slow(
-        self, constraint: Constraint, future: concurrent.futures.Future[Grammar]
-    ) -> GrammarError:
+    def _too_slow(self, constraint: Constraint, future: _Future) -> GrammarError:
         """A compile not done in time. The compile itself is left to finish (and stay
         cached): other requests may be waiting on the same future, and cancelling it would
         cancel theirs; params.MAX_CONSTRAINT_CHARS bounds how long it takes."""
@@ -216,7 +319,11 @@ class GrammarCompiler:
         return Grammar(constraint, matcher)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
+
+
+_Future = concurrent.futures.Future  # of a Grammar
+_Job = tuple[_Future, Callable[[Constraint], Grammar], Constraint]
 
 
 class MaskBuilder:
