@@ -274,10 +274,16 @@ def main() -> None:
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
     rows: list[Row] = []
+    failed = False
     with tempfile.TemporaryDirectory(prefix="textgen-http-overhead-") as tmp:
         for config in configs(args.quick):
-            rows += bench_config(config, Path(tmp), repeats)
+            try:
+                rows += bench_config(config, Path(tmp), repeats)
+            except Exception as exc:  # the other models' rows still get printed
+                print(f"# {config.model} {config.precision} failed: {exc!r}", flush=True)
+                failed = True
     print(table(rows))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
