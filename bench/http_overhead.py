@@ -229,7 +229,7 @@ def _runs(values: list[float]) -> str:
 def bench_config(config: Config, work: Path, repeats: int) -> list[Row]:
     folder = work / config.model  # one model store per model, for all its precisions
     if not (folder / "tag").exists():
-        _, home, tag = prepare_model(folder, tiny=config.model == "tiny")
+        _, _, tag = prepare_model(folder, tiny=config.model == "tiny")
         (folder / "tag").write_text(tag)
     home, tag = folder / "bentoml_home", (folder / "tag").read_text()
     env = {"BENTOML_HOME": str(home), "TEXTGEN_MODEL": tag, **config.env}
