@@ -25,6 +25,7 @@ test: lint
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py
 	$(PY) bench/prefix_cache.py
+	$(PY) bench/http_overhead.py
 
 # Replicas of the image behind HAProxy (deploy/): builds what is missing, prints the URL.
 cluster: $(VENV)/.installed

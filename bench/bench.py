@@ -214,12 +214,13 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, 9)
 
 
-def prepare_model(work: Path) -> tuple[Path, Path, str]:
-    """A 124M random GPT-2 directory, and a model store holding it."""
+def prepare_model(work: Path, tiny: bool = False) -> tuple[Path, Path, str]:
+    """A random GPT-2 directory (124M, or the 2-layer toy with `tiny`), and a model store
+    holding it: (directory, BENTOML_HOME, tag). Both sizes can share one store."""
     from textgen.models import gpt2_tokenizer, random_gpt2
 
-    model_dir = work / "gpt2-random"
-    random_gpt2().save_pretrained(model_dir)
+    model_dir = work / ("gpt2-random-tiny" if tiny else "gpt2-random")
+    random_gpt2(tiny=tiny).save_pretrained(model_dir)
     gpt2_tokenizer().save_pretrained(model_dir)
     home = work / "bentoml_home"
     out = subprocess.run(
