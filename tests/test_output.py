@@ -50,7 +50,7 @@ class Pipe:
         seq = self.seq
         seq.append_token(token_id, EOS)
         status = seq.status if seq.status.finished else None
-        process_step([(self.output, [token_id], None, status, None, 0, None)], 0.0)
+        process_step([(self.output, [token_id], None, status, None, 0, None)], 0.0, metrics.get())
 
     def events(self) -> list:
         out = []
@@ -108,13 +108,13 @@ def test_a_stop_string_cancels_the_engine_sequence_and_drops_what_it_made_after(
     # The engine's next token, and its cancellation, reach no one.
     pipe.step(4)
     pipe.seq.finish(Status.CANCELLED)
-    process_step([(pipe.output, [], None, Status.CANCELLED, None, 0, None)], 0.0)
+    process_step([(pipe.output, [], None, Status.CANCELLED, None, 0, None)], 0.0, metrics.get())
     assert pipe.events() == []
 
 
 def test_several_tokens_in_one_step_and_a_failure_after_them():
     pipe = Pipe(max_new_tokens=9)
-    process_step([(pipe.output, [1, 2], None, Status.FAILED, "boom", 3, None)], 0.0)
+    process_step([(pipe.output, [1, 2], None, Status.FAILED, "boom", 3, None)], 0.0, metrics.get())
     events = pipe.events()
     assert [e.text for e in events[:2]] == ["a", "b"]
     assert events[2] == FinishEvent(Status.FAILED, "ab", 2, 2, "boom", 3)
@@ -136,6 +136,7 @@ def test_a_failing_output_fails_only_its_own_sequence():
             (good.output, [1], None, None, None, 0, None),
         ],
         0.0,
+        metrics.get(),
     )
     (failed,) = bad.events()
     assert failed.status is Status.FAILED and failed.error == "generation failed: no text"
@@ -189,3 +190,27 @@ def test_the_engine_frees_a_sequence_a_stop_string_ended(engine):
             break
         run(asyncio.sleep(0.01))
     assert seq.status is Status.CANCELLED and seq.slot == -1
+
+
+def test_observe_many_equals_as_many_observations():
+    import prometheus_client as prom
+
+    one, many = (
+        prom.Histogram(name, "", buckets=metrics.LATENCY_BUCKETS, registry=prom.CollectorRegistry())
+        for name in ("one", "many")
+    )
+    for amount, count in [(0.003, 5), (0.05, 2), (0.05000001, 1), (100.0, 3)]:
+        for _ in range(count):
+            one.observe(amount)
+        metrics.observe_many(many, amount, count)
+    samples = [
+        {
+            (s.name.split("_", 1)[1], s.labels.get("le")): s.value
+            for s in h.collect()[0].samples
+            if not s.name.endswith("_created")  # when each was made
+        }
+        for h in (one, many)
+    ]
+    assert samples[0].keys() == samples[1].keys()
+    for key, value in samples[0].items():  # the sum, added in another order, to rounding
+        assert samples[1][key] == pytest.approx(value, rel=1e-12), key

@@ -30,8 +30,6 @@ from textgen.schemas import GenerateRequest, GenerateResponse, Usage
 
 T = TypeVar("T")
 
-DISCONNECT_POLL_SECONDS = 0.5
-
 
 def encode_prompt(
     engine: Engine,
@@ -106,18 +104,27 @@ async def new_sequence(engine: Engine, request: GenerateRequest) -> Sequence:
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Awaits `work`, cancelling it if the client goes away first (returns None then)."""
+    """Awaits `work`, cancelling it if the client goes away first (returns None then).
+
+    The request's body has been read, so its next ASGI message is `http.disconnect`: one
+    pending `receive` hears it, as Starlette's StreamingResponse listens, instead of a
+    poll per request every so often (each poll a receive through every middleware)."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                return None
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done() or gone.exception() is not None:  # (a receive that failed: no news)
+            return await task
+        return None
     finally:
         task.cancel()
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def generate(

@@ -587,7 +587,7 @@ class Engine:
             )
         for loop, batch in batches.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: its clients are gone
-                loop.call_soon_threadsafe(process_step, batch, now)
+                loop.call_soon_threadsafe(process_step, batch, now, self.metrics)
 
 
 class EventStream:

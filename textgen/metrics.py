@@ -76,3 +76,21 @@ def get() -> Metrics:
             "Prompt tokens found in the prefix cache (their keys and values not computed again)",
         ),
     )
+
+
+def observe_many(histogram: Any, amount: float, count: int) -> None:
+    """`count` observations of `amount` in a Histogram, as `count` calls of `observe` would
+    make them, at the cost of one: in BentoML's multiprocess mode each update of a value
+    is a write to a shared memory map. Uses prometheus_client's Histogram internals
+    (`_sum`, `_upper_bounds`, `_buckets`), and falls back to `observe` without them."""
+    try:
+        total, bounds, buckets = histogram._sum, histogram._upper_bounds, histogram._buckets
+    except AttributeError:
+        for _ in range(count):
+            histogram.observe(amount)
+        return
+    total.inc(amount * count)
+    for bound, bucket in zip(bounds, buckets, strict=True):
+        if amount <= bound:
+            bucket.inc(count)
+            return

@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from textgen.metrics import Metrics
+from textgen.metrics import Metrics, observe_many
 from textgen.params import SamplingParams
 from textgen.scheduler import (
     Event,
@@ -124,9 +125,12 @@ class SequenceOutput:
         cached_tokens: int,
         now: float,
         prompt_logprobs: list[PromptLogprob] | None = None,
+        gaps: Counter[float] | None = None,
     ) -> None:
         """One step's new tokens and the engine's finish, if any (see the module's NOTE).
-        `prompt_logprobs` (in the first step's only) goes with the first event."""
+        `prompt_logprobs` (in the first step's only) goes with the first event. The time
+        since this sequence's previous token is counted in `gaps` (observed by the caller,
+        once per distinct value), else observed here."""
         if self.finished:
             return
         put, request_id = self.queue.put_nowait, self.seq.request_id
@@ -139,7 +143,7 @@ class SequenceOutput:
             logprob, top = logprobs[k] if logprobs is not None else (None, ())
             put((request_id, TokenEvent(token_id, piece, logprob, top, prompt_logprobs)))
             prompt_logprobs = None
-            self._observe(now)
+            self._observe(now, gaps)
             if ended is not None:
                 if status is None:  # a stop string: the engine goes on until told
                     self._cancel(self.seq)
@@ -181,9 +185,11 @@ class SequenceOutput:
         piece = self._stop.push(self._detokenizer.flush())
         return piece if self._stop.matched else piece + self._stop.flush()
 
-    def _observe(self, now: float) -> None:
+    def _observe(self, now: float, gaps: Counter[float] | None) -> None:
         if self.last_token_time is None:
             self._metrics.time_to_first_token.observe(now - self.seq.arrival_time)
+        elif gaps is not None:
+            gaps[now - self.last_token_time] += 1
         else:
             self._metrics.inter_token_latency.observe(now - self.last_token_time)
         self.last_token_time = now
@@ -208,11 +214,19 @@ class SequenceOutput:
             logger.exception("counting a finished request failed")
 
 
-def process_step(deltas: list[Delta], now: float) -> None:
-    """On an event loop: one engine step's deltas for the sequences it owns."""
+def process_step(deltas: list[Delta], now: float, metrics: Metrics) -> None:
+    """On an event loop: one engine step's deltas for the sequences it owns. The sequences
+    that made a token in the same earlier step share their inter-token latency: it is
+    observed once per distinct value, with its count."""
+    gaps: Counter[float] = Counter()
     for output, token_ids, logprobs, status, error, cached_tokens, scored in deltas:
         try:
-            output.take(token_ids, logprobs, status, error, cached_tokens, now, scored)
+            output.take(token_ids, logprobs, status, error, cached_tokens, now, scored, gaps)
         except Exception as exc:  # one sequence's text must not cost the others theirs
             logger.exception("processing a sequence's output failed")
             output.fail(f"generation failed: {exc}", cached_tokens)
+    try:  # a metrics failure must not cost a client its events (they are queued)
+        for gap, count in gaps.items():
+            observe_many(metrics.inter_token_latency, gap, count)
+    except Exception:
+        logger.exception("observing inter-token latencies failed")
