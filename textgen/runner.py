@@ -9,12 +9,19 @@ calls the model; the model holds the weights and the arithmetic. Sequences of
 different lengths share one decode step without padding (`RaggedDecode`). A lone
 sequence in bfloat16 or int8 on a CPU decodes through textgen/csrc's kernels.
 
+With fixed shapes (the default on CUDA) decode runs at a few sizes only: the live rows
+padded to a batch bucket, attending a length bucket (`FixedDecode`), over static input
+buffers, so the same few shapes recur as sequences grow and come and go; on CUDA each
+(batch, length) bucket is a CUDA graph captured at start and replayed.
+
 Shapes: B sequences, S slots, T positions (the context), L attended positions
 (the longest live sequence), C = n_embd, H heads of D = C / H, V vocab.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
 import math
 import os
 from collections.abc import Sequence as Seq
@@ -23,10 +30,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from textgen.gpt2 import GPT2, CausalPrefill, PrefixPrefill, RaggedDecode
+from textgen.gpt2 import GPT2, CausalPrefill, FixedDecode, PrefixPrefill, RaggedDecode
 from textgen.scheduler import length_groups
 
+logger = logging.getLogger("bentoml.textgen")  # BentoML's logger shows it in its format
 GIB = 1 << 30
+SMALL_BATCH_BUCKETS = (1, 2, 4, 8)  # fixed-shape batch sizes below BATCH_BUCKET_STEP
+BATCH_BUCKET_STEP = 16  # then every multiple of this, then max_batch_size
+MIN_LENGTH_BUCKET = 128  # fixed-shape attended lengths: 128, 256, ... (doubling), then n_ctx
 
 
 class CacheDoesNotFit(RuntimeError):
@@ -44,12 +55,16 @@ class GPT2Runner:
         n_ctx: int | None = None,
         memory_utilization: float = 0.9,
         native_kernels: bool = True,
+        fixed_shapes: bool | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         """Takes `model` over (`GPT2` converts it in place to the device and dtype).
         `n_ctx`: positions per slot (default: the model's); `memory_utilization`: the
         share of the memory available after loading the weights that the KV cache may
         take; `native_kernels`: whether bfloat16 and int8 on the CPU may decode one row
-        with textgen/csrc's kernels (`row_kind`)."""
+        with textgen/csrc's kernels (`row_kind`); `fixed_shapes`: decode at bucketed
+        shapes (`_decode_fixed`), None: on CUDA only; `cuda_graphs`: with fixed shapes
+        on CUDA, capture each bucket's decode as a CUDA graph now and replay it."""
         self.model = GPT2(model, device, dtype, quantize_int8, native_kernels)
         self.device = device
         self.dtype = self.model.dtype
@@ -59,21 +74,40 @@ class GPT2Runner:
         self.vocab_size = self.model.vocab_size
         self.max_batch_size = max_batch_size
         self.n_ctx: int = n_ctx or self.model.n_positions
-        # Per layer, keys and values: (S, H, T, D). One allocation, zero-filled: a
-        # position a mask hides must hold a finite number (0 x NaN is NaN), so a slot
-        # that may hold NaN is cleared before reuse (`clear_slots`).
-        self.kv_cache = self._allocate_cache(max_batch_size, memory_utilization)
+        self.fixed_shapes = device.type == "cuda" if fixed_shapes is None else fixed_shapes
+        # Fixed shapes: one more slot after the sequences', the scratch slot, which
+        # padding rows write and read and no sequence ever holds.
+        self.scratch_slot = max_batch_size
+        # Per layer, keys and values: (S, H, T, D), S = max_batch_size (+ 1 scratch).
+        # One allocation, zero-filled: a position a mask hides must hold a finite number
+        # (0 x NaN is NaN), so a slot that may hold NaN is cleared before reuse
+        # (`clear_slots`).
+        self.kv_cache = self._allocate_cache(
+            max_batch_size, int(self.fixed_shapes), memory_utilization
+        )
         self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.itemsize
+        self.batch_buckets = batch_buckets(max_batch_size)
+        self.length_buckets = length_buckets(self.n_ctx)
+        # Fixed shapes: per batch bucket B', the static inputs (3, B') long: token ids,
+        # positions, slots. A step copies its rows (and padding) in with one copy.
+        self.static_inputs: dict[int, torch.Tensor] = {}
+        if self.fixed_shapes:
+            self.static_inputs = {
+                rows: torch.zeros((3, rows), dtype=torch.long, device=device)
+                for rows in self.batch_buckets
+            }
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def _allocate_cache(self, slots: int, memory_utilization: float) -> torch.Tensor:
-        """The zero-filled cache (layers, 2, slots, H, T, D), or CacheDoesNotFit."""
-        shape = self.model.cache_shape(slots, self.n_ctx)
+    def _allocate_cache(self, slots: int, scratch: int, memory_utilization: float) -> torch.Tensor:
+        """The zero-filled cache (layers, 2, slots + scratch, H, T, D), or CacheDoesNotFit."""
+        shape = self.model.cache_shape(slots + scratch, self.n_ctx)
         needed = math.prod(shape) * self.cache_dtype.itemsize
         available = available_memory(self.device)
         if needed > memory_utilization * available:
             allowed = memory_utilization * available
             raise CacheDoesNotFit(
-                f"the KV cache needs {_size(needed)} ({slots} slots x {self.n_ctx} "
+                f"the KV cache needs {_size(needed)} ({slots} slots"
+                f"{f' + {scratch} scratch' if scratch else ''} x {self.n_ctx} "
                 f"positions x {shape[0]} layers x {self.model.n_embd} x 2 (keys, values) x "
                 f"{self.cache_dtype.itemsize} bytes) but may take only {_size(allowed)} "
                 f"(TEXTGEN_MEMORY_UTILIZATION={memory_utilization:g} of {_size(available)} "
@@ -195,7 +229,40 @@ class GPT2Runner:
         float32. `slots` ascend."""
         if len(token_ids) == 1 and self.row_kind is not None:
             return self.model.decode_row(token_ids[0], positions[0], slots[0], self.kv_cache)
+        if self.fixed_shapes:
+            return self._decode_fixed(token_ids, positions, slots)
         return self._decode_ragged(token_ids, positions, slots)
+
+    def _decode_fixed(
+        self, token_ids: list[int], positions: list[int], slots: list[int]
+    ) -> torch.Tensor:
+        """`decode` at bucketed shapes: the B rows padded to B' (the first batch bucket
+        >= B) with rows of token 0 at position 0 of the scratch slot, attending L keys
+        (the first length bucket > every position). Replays the (B', L) CUDA graph
+        where one was captured."""
+        b = len(token_ids)
+        rows = bucket(self.batch_buckets, b)
+        length = bucket(self.length_buckets, max(positions) + 1)
+        pad = rows - b
+        host = torch.tensor(
+            [token_ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad],
+            pin_memory=self.device.type == "cuda",
+        )  # (3, B')
+        self.static_inputs[rows].copy_(host, non_blocking=True)
+        captured = self.graphs.get((rows, length))
+        if captured is None:
+            return self.forward_fixed(rows, length)[:b]
+        graph, logits = captured
+        graph.replay()
+        return logits[:b].clone()  # the graph's output is overwritten by the next replay
+
+    def forward_fixed(self, rows: int, length: int) -> torch.Tensor:
+        """The decode step over the static inputs of batch bucket `rows` (B'), attending
+        `length` (L) keys per row: logits (B', V) float32, padding rows' included. Reads
+        and writes device tensors only (no host work), so a CUDA graph can capture it."""
+        ids, positions, slots = self.static_inputs[rows]  # each (B',)
+        attention = FixedDecode.build(slots, positions, length)
+        return self.model.logits(self.model.forward(ids, positions, attention, self.kv_cache))
 
     def _decode_ragged(
         self, token_ids: list[int], positions: list[int], slots: list[int]
@@ -224,6 +291,29 @@ class GPT2Runner:
         attention = RaggedDecode(slot_ids, pos, span, length, mask)
         x = self.model.forward(ids, pos, attention, self.kv_cache)  # (B, C)
         return self.model.logits(x)
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes fixed-shape decode runs at: 1, 2, 4, 8, then every multiple of 16,
+    then `max_batch_size`, none above it (as nano-vllm's graph batch sizes)."""
+    sizes = {b for b in SMALL_BATCH_BUCKETS if b < max_batch_size}
+    sizes.update(range(BATCH_BUCKET_STEP, max_batch_size, BATCH_BUCKET_STEP))
+    return sorted({*sizes, max_batch_size})
+
+
+def length_buckets(n_ctx: int) -> list[int]:
+    """The attended lengths fixed-shape decode runs at: 128, 256, ... below `n_ctx`,
+    then `n_ctx`."""
+    sizes, length = [], MIN_LENGTH_BUCKET
+    while length < n_ctx:
+        sizes.append(length)
+        length *= 2
+    return [*sizes, n_ctx]
+
+
+def bucket(sizes: list[int], n: int) -> int:
+    """The first of the ascending `sizes` that holds `n` (n <= sizes[-1])."""
+    return sizes[bisect.bisect_left(sizes, n)]
 
 
 def _padded(prompts: list[list[int]]) -> torch.Tensor:
