@@ -101,12 +101,6 @@ def test_greedy_through_fixed_shapes_equals_generate_with_holes_padding_and_a_la
     assert bool((free == 0.5).all())
 
 
-def test_fixed_and_ragged_decode_give_the_same_tokens_batched(tiny_model):
-    fixed = GPT2Runner(tiny_model, CPU, torch.float32, 12, fixed_shapes=True)
-    ragged = GPT2Runner(tiny_model, CPU, torch.float32, 12, fixed_shapes=False)
-    assert _greedy_in_one_runner(fixed)[:2] == _greedy_in_one_runner(ragged)[:2]
-
-
 async def _tokens(engine, prompt, params, cancel_after=None):
     seq = engine.new_sequence(prompt, params)
     events = engine.stream([seq])
@@ -122,37 +116,83 @@ async def _tokens(engine, prompt, params, cancel_after=None):
     return ids
 
 
+class _StandInGraph:
+    """A CUDA graph's contract on the CPU: `replay` reruns the captured step over the
+    tensors it closed over, reading what the static buffers hold at replay."""
+
+    replays = 0
+
+    def __init__(self, step) -> None:
+        self.step = step
+
+    def replay(self):
+        _StandInGraph.replays += 1
+        self.step()
+
+
+def test_decode_through_captured_steps_equals_generate(tiny_model, monkeypatch):
+    # What only a GPU can run is torch.cuda's capture; everything around it (a step per
+    # bucket over the static buffers, padding, the logits buffer) runs here with a
+    # stand-in graph that reruns the step at each replay.
+    runner = GPT2Runner(tiny_model, CPU, torch.float32, 12, fixed_shapes=True)
+    monkeypatch.setattr(
+        GPT2Runner, "_capture", staticmethod(lambda step, pool: _StandInGraph(step))
+    )
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, 0))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    runner._capture_graphs()
+    assert set(runner.graphs) == {(r, n) for r in [1, 2, 4, 8, 12] for n in [128, 256, 512, 1024]}
+    runner.clear_slots()  # capture wrote the scratch slot only; start clean anyway
+    decode, steps = runner.decode, []
+    monkeypatch.setattr(runner, "decode", lambda *rows: steps.append(1) or decode(*rows))
+    _StandInGraph.replays = 0
+    outputs, later, _ = _greedy_in_one_runner(runner)
+    assert _StandInGraph.replays == len(steps) > 300  # every step a replay
+    for got, prompt, n in zip(outputs, PROMPTS, NEW_TOKENS, strict=True):
+        assert got == hf_greedy(tiny_model, prompt, n), prompt
+    assert later == hf_greedy(tiny_model, LATER, LATER_NEW_TOKENS)
+
+
+# (delay, prompt, new tokens, cancelled after): 9 then fewer rows, one past 300
+# positions, two cancelled mid-stream, one arriving into a cancelled one's slot.
+REQUESTS = [
+    (0.0, PROMPTS[0], 320, None),
+    (0.0, PROMPTS[1], 60, 20),
+    (0.0, PROMPTS[2], 40, None),
+    (0.0, PROMPTS[3], 25, None),
+    (0.0, PROMPTS[4], 80, 10),
+    (0.0, PROMPTS[5], 9, None),
+    (0.0, PROMPTS[6], 30, None),
+    (0.0, PROMPTS[7], 18, None),
+    (0.0, PROMPTS[8], 50, None),
+    (0.3, LATER, 40, None),
+]
+
+
+def assert_engine_equals_generate(eng, model) -> None:
+    """Runs REQUESTS on `eng` at once; each must equal `model.generate`'s tokens (up to
+    its cancellation)."""
+
+    async def one(delay, prompt, n, cancel_after):
+        await asyncio.sleep(delay)
+        return await _tokens(eng, prompt, SamplingParams(max_new_tokens=n), cancel_after)
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(*r) for r in REQUESTS))
+
+    together = run(all_of_them())
+    for (_, prompt, n, cancel_after), got in zip(REQUESTS, together, strict=True):
+        assert got == hf_greedy(model, prompt, n)[: cancel_after or n], prompt
+
+
 def test_the_engine_with_fixed_shapes_equals_generate_with_arrivals_and_cancellations(
     tiny_model, tokenizer
 ):
     eng = make_engine(tiny_model, tokenizer, max_batch_size=12, fixed_shapes=True)
-    assert eng.runner.fixed_shapes
-    # (delay, prompt, new tokens, cancelled after): 9 then fewer rows, one past 300
-    # positions, two cancelled mid-stream, one arriving into a cancelled one's slot.
-    requests = [
-        (0.0, PROMPTS[0], 320, None),
-        (0.0, PROMPTS[1], 60, 20),
-        (0.0, PROMPTS[2], 40, None),
-        (0.0, PROMPTS[3], 25, None),
-        (0.0, PROMPTS[4], 80, 10),
-        (0.0, PROMPTS[5], 9, None),
-        (0.0, PROMPTS[6], 30, None),
-        (0.0, PROMPTS[7], 18, None),
-        (0.0, PROMPTS[8], 50, None),
-        (0.3, LATER, 40, None),
-    ]
     try:
-
-        async def one(delay, prompt, n, cancel_after):
-            await asyncio.sleep(delay)
-            return await _tokens(eng, prompt, SamplingParams(max_new_tokens=n), cancel_after)
-
-        async def all_of_them():
-            return await asyncio.gather(*(one(*r) for r in requests))
-
-        together = run(all_of_them())
-        for (_, prompt, n, cancel_after), got in zip(requests, together, strict=True):
-            assert got == hf_greedy(tiny_model, prompt, n)[: cancel_after or n], prompt
+        assert eng.runner.fixed_shapes
+        assert_engine_equals_generate(eng, tiny_model)
     finally:
         eng.shutdown()
 

@@ -24,6 +24,8 @@ import bisect
 import logging
 import math
 import os
+import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -96,7 +98,12 @@ class GPT2Runner:
                 rows: torch.zeros((3, rows), dtype=torch.long, device=device)
                 for rows in self.batch_buckets
             }
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (B', L) -> the captured decode, which writes its logits into the first B' rows
+        # of `static_logits` (max B', V) float32.
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.static_logits: torch.Tensor | None = None
+        if self.fixed_shapes and cuda_graphs and device.type == "cuda":
+            self._capture_graphs()
 
     def _allocate_cache(self, slots: int, scratch: int, memory_utilization: float) -> torch.Tensor:
         """The zero-filled cache (layers, 2, slots + scratch, H, T, D), or CacheDoesNotFit."""
@@ -115,6 +122,46 @@ class GPT2Runner:
                 "TEXTGEN_MAX_MODEL_LEN"
             )
         return torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        """Captures `forward_fixed` at every (batch, length) bucket as a CUDA graph, the
+        largest first so that the others reuse its memory pool, and logs the time and
+        memory they took. Capture runs padding rows only: it writes the scratch slot."""
+        started = time.perf_counter()
+        free_before, _ = torch.cuda.mem_get_info(self.device)
+        for inputs in self.static_inputs.values():  # every row a padding row
+            inputs.copy_(torch.tensor([0, 0, self.scratch_slot])[:, None].expand_as(inputs))
+        logits = torch.empty((self.batch_buckets[-1], self.vocab_size), device=self.device)
+        pool = torch.cuda.graph_pool_handle()
+        for length in reversed(self.length_buckets):
+            for rows in reversed(self.batch_buckets):
+                self.forward_fixed(rows, length)  # eager first: kernels chosen, workspaces made
+
+                def step(rows: int = rows, length: int = length) -> None:
+                    logits[:rows] = self.forward_fixed(rows, length)
+
+                self.graphs[(rows, length)] = self._capture(step, pool)
+        self.static_logits = logits
+        torch.cuda.synchronize(self.device)
+        free_after, _ = torch.cuda.mem_get_info(self.device)
+        logger.info(
+            "CUDA graphs: %d captured (batch sizes %s x attended lengths %s) in %.2fs, taking %s",
+            len(self.graphs),
+            self.batch_buckets,
+            self.length_buckets,
+            time.perf_counter() - started,
+            _size(max(0, free_before - free_after)),
+        )
+
+    @staticmethod
+    def _capture(step: Callable[[], None], pool: tuple[int, int]) -> torch.cuda.CUDAGraph:
+        """`step`, captured as a CUDA graph in memory pool `pool`: each replay reruns its
+        kernels over the same tensors (what they hold then)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            step()
+        return graph
 
     def clear_slots(self, slots: list[int] | None = None) -> None:
         """Zeroes the given slots' keys and values (every slot when None)."""
@@ -249,12 +296,11 @@ class GPT2Runner:
             pin_memory=self.device.type == "cuda",
         )  # (3, B')
         self.static_inputs[rows].copy_(host, non_blocking=True)
-        captured = self.graphs.get((rows, length))
-        if captured is None:
+        graph = self.graphs.get((rows, length))
+        if graph is None or self.static_logits is None:
             return self.forward_fixed(rows, length)[:b]
-        graph, logits = captured
         graph.replay()
-        return logits[:b].clone()  # the graph's output is overwritten by the next replay
+        return self.static_logits[:b].clone()  # the next replay overwrites static_logits
 
     def forward_fixed(self, rows: int, length: int) -> torch.Tensor:
         """The decode step over the static inputs of batch bucket `rows` (B'), attending
