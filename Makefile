@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 
-.PHONY: serve test lint bench cluster cluster-down
+.PHONY: serve test test-gpu lint bench cluster cluster-down
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -21,6 +21,13 @@ lint: $(VENV)/.installed
 # The venv's bin/ on PATH: the tests run its commands (schemathesis, kubectl) by name.
 test: lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+
+# The GPU lane: the tests marked gpu (tests/test_gpu.py), on a machine with CUDA; they
+# skip elsewhere. The venv's Python where there is one, else python3 (the GPU machine,
+# see scripts/gpu_check.sh).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+test-gpu:
+	$(GPU_PY) -m pytest -m gpu -v
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py

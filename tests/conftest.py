@@ -50,7 +50,7 @@ def engine(tiny_model, tokenizer) -> Iterator[Engine]:
 
 def hf_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, **kw: Any) -> list[int]:
     """The model's own `generate`: the reference every greedy test compares with."""
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),

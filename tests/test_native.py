@@ -25,9 +25,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from tests.conftest import make_engine
 from textgen import native
 from textgen.config import Settings
+from textgen.gpt2 import row_weights
 from textgen.models import random_gpt2
 from textgen.params import SamplingParams
-from textgen.runner import GPT2Runner, _row_weights
+from textgen.runner import GPT2Runner
 
 pytestmark = pytest.mark.skipif(
     native.why_not_row_decode() is not None,
@@ -231,7 +232,7 @@ def test_the_bf16_head_matches_a_reference_product_with_any_remainder(n):
     x = torch.randn(64).bfloat16()
     weight, bias = torch.randn(64).bfloat16(), torch.randn(64).bfloat16()
     head = torch.randn(n, 64).bfloat16()
-    got = torch.ops.textgen_row.head_bf16(x, weight, bias, 1e-5, _row_weights(head, None, "bf16"))
+    got = torch.ops.textgen_row.head_bf16(x, weight, bias, 1e-5, row_weights(head, None, "bf16"))
     normed = F.layer_norm(x.float(), (64,), weight.float(), bias.float(), 1e-5).bfloat16()
     expected = normed.float() @ head.float().T
     assert got.shape == (n,) and got.dtype == torch.float32
@@ -246,7 +247,7 @@ def test_the_int8_head_matches_its_quantized_arithmetic_with_any_remainder(n):
     torch.manual_seed(n)
     x, weight, bias = torch.randn(128), torch.randn(128), torch.randn(128)
     head = torch.randn(n, 128)
-    tensors = _row_weights(head, None, "int8")
+    tensors = row_weights(head, None, "int8")
     got = torch.ops.textgen_row.head_int8(x, weight, bias, 1e-5, tensors)
     normed = F.layer_norm(x, (128,), weight, bias, 1e-5)
     low, high = min(normed.min().item(), 0.0), max(normed.max().item(), 0.0)

@@ -105,6 +105,10 @@ class Settings:
     memory_utilization: float = 0.9  # share of the memory left after the weights for the cache
     native_kernels: bool = True  # CPU int8 and bf16: one stream decodes with textgen/csrc's kernels
     prefix_caching: bool = True  # a prompt's prefix already in a KV slot is not computed again
+    # Decode at bucketed batch sizes and attended lengths over static buffers (padding
+    # rows in a scratch slot); None: on CUDA only.
+    fixed_shapes: bool | None = None
+    cuda_graphs: bool = True  # with fixed shapes on CUDA: each bucket's decode a CUDA graph
     engine_stall_seconds: float = 60.0  # work waiting this long without a step: unhealthy
     max_waiting: int = 256  # sequences queued for a batch row before 429
     max_prefill_tokens: int = 2048  # padded prompt tokens in one prefill step
@@ -165,6 +169,10 @@ class Settings:
             memory_utilization=_env_float("TEXTGEN_MEMORY_UTILIZATION", 0.9, 0.0, 1.0),
             native_kernels=_env_bool("TEXTGEN_NATIVE_KERNELS", True),
             prefix_caching=_env_bool("TEXTGEN_PREFIX_CACHING", True),
+            fixed_shapes={"auto": None, "true": True, "false": False}[
+                _env_choice("TEXTGEN_FIXED_SHAPES", "auto", ("auto", "true", "false"))
+            ],
+            cuda_graphs=_env_bool("TEXTGEN_CUDA_GRAPHS", True),
             engine_stall_seconds=_env_float("TEXTGEN_ENGINE_STALL_SECONDS", 60.0, 0.0, 1e9),
             max_waiting=_env_int("TEXTGEN_MAX_WAITING", 256, 0),
             max_prefill_tokens=_env_int("TEXTGEN_MAX_PREFILL_TOKENS", 2048, 1),

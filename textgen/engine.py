@@ -356,6 +356,8 @@ class Engine:
                 n_ctx=self.max_model_len,
                 memory_utilization=self.settings.memory_utilization,
                 native_kernels=self.settings.native_kernels,
+                fixed_shapes=self.settings.fixed_shapes,
+                cuda_graphs=self.settings.cuda_graphs,
             )
             self.sampler = Sampler(
                 self.settings.max_batch_size,

@@ -1,13 +1,18 @@
-"""The tensor work: GPT-2 forward passes over a slot-per-sequence KV cache.
+"""The tensor work's batching: a slot-per-sequence KV cache and the steps that run
+GPT-2 (textgen/gpt2.py) over it.
 
 The cache is allocated once, at start, for `max_batch_size` slots of the full
 context; a running sequence owns one slot (the scheduler hands them out) and
-nothing in the cache ever moves. The layer norms and embeddings are the Hugging
-Face modules; each projection is a `_Dense` in the form fastest for the device
-and precision. In float32 that form is Hugging Face's own arithmetic, so float32
-numerics match `model.generate`. Attention is the runner's own, so that sequences
-of different lengths share one decode step without padding. A lone sequence in
-bfloat16 or int8 on a CPU decodes through textgen/csrc's kernels (`_decode_row`).
+nothing in the cache ever moves. The runner turns a step's rows (token ids,
+positions, slots) into tensors and attention metadata (`textgen.gpt2.Attention`) and
+calls the model; the model holds the weights and the arithmetic. Sequences of
+different lengths share one decode step without padding (`RaggedDecode`). A lone
+sequence in bfloat16 or int8 on a CPU decodes through textgen/csrc's kernels.
+
+With fixed shapes (the default on CUDA) decode runs at a few sizes only: the live rows
+padded to a batch bucket, attending a length bucket (`FixedDecode`), over static input
+buffers, so the same few shapes recur as sequences grow and come and go; on CUDA each
+(batch, length) bucket is a CUDA graph captured at start and replayed.
 
 Shapes: B sequences, S slots, T positions (the context), L attended positions
 (the longest live sequence), C = n_embd, H heads of D = C / H, V vocab.
@@ -15,102 +20,30 @@ Shapes: B sequences, S slots, T positions (the context), L attended positions
 
 from __future__ import annotations
 
+import bisect
+import logging
 import math
 import os
-import warnings
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from textgen import native
+from textgen.gpt2 import GPT2, CausalPrefill, FixedDecode, PrefixPrefill, RaggedDecode
 from textgen.scheduler import length_groups
 
+logger = logging.getLogger("bentoml.textgen")  # BentoML's logger shows it in its format
 GIB = 1 << 30
+SMALL_BATCH_BUCKETS = (1, 2, 4, 8)  # fixed-shape batch sizes below BATCH_BUCKET_STEP
+BATCH_BUCKET_STEP = 16  # then every multiple of this, then max_batch_size
+MIN_LENGTH_BUCKET = 128  # fixed-shape attended lengths: 128, 256, ... (doubling), then n_ctx
 
 
 class CacheDoesNotFit(RuntimeError):
     """The KV cache is larger than the memory the settings allow it."""
-
-
-@dataclass
-class _Dense:
-    """One projection, y = x W + b over (..., n_in) -> (..., n_out), in the form that runs
-    fastest where it runs. Three forms: `plain` (the model's own tensors, x W + b as Hugging
-    Face's Conv1D computes it, so float32 matches `model.generate`), `mkldnn` (bfloat16 on
-    the CPU: oneDNN's prepacked weights, the GELU and the residual add fused; one row's
-    projections take 12 ms per step here against 17 with `F.linear`), `int8` (dynamic
-    int8, fbgemm's prepacked weights)."""
-
-    forward: Callable[[torch.Tensor], torch.Tensor]  # (..., n_in) -> (..., n_out)
-    gelu: Callable[[torch.Tensor], torch.Tensor]  # (..., n_in) -> act(x W + b), GELU for GPT-2
-    add: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, r) -> r + x W + b
-
-    @classmethod
-    def plain(cls, weight: torch.Tensor, bias: torch.Tensor, act: nn.Module) -> _Dense:
-        """`weight` (n_in, n_out), Conv1D's layout."""
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
-            return y.view(*x.shape[:-1], weight.shape[1])
-
-        return cls(forward, lambda x: act(forward(x)), lambda x, r: r + forward(x))
-
-    @classmethod
-    def mkldnn(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, act: nn.Module | None
-    ) -> _Dense:
-        """`weight` (n_out, n_in), nn.Linear's layout, bfloat16. `act`: the activation, or
-        None for tanh GELU (fused)."""
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        pointwise = torch.ops.mkldnn._linear_pointwise
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return pointwise(x, packed, bias, "none", [], "")
-
-        return cls(
-            forward,
-            (lambda x: act(forward(x)))
-            if act is not None
-            else (lambda x: pointwise(x, packed, bias, "gelu", [], "tanh")),
-            lambda x, r: pointwise.binary(x, r, packed, bias, "add"),
-        )
-
-    @classmethod
-    def int8(cls, weight: torch.Tensor, bias: torch.Tensor | None, act: nn.Module | None) -> _Dense:
-        """`weight` (n_out, n_in), nn.Linear's layout, float32. `act`: the activation, or
-        None for tanh GELU."""
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        linear.weight.data = weight
-        if bias is not None:
-            linear.bias.data = bias
-        with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice
-            warnings.simplefilter("ignore")
-            module = torch.ao.quantization.quantize_dynamic(
-                nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8
-            )[0]
-        return cls(
-            module,
-            (lambda x: act(module(x)))
-            if act is not None
-            else (lambda x: F.gelu(module(x), approximate="tanh")),
-            lambda x, r: r + module(x),
-        )
-
-
-@dataclass
-class _Block:
-    ln_1: nn.Module
-    qkv: _Dense  # (..., C) -> (..., 3C)
-    attn_out: _Dense  # (..., C) -> (..., C)
-    scaling: float  # 1/sqrt(D), as the model configures it
-    ln_2: nn.Module
-    fc: _Dense  # (..., C) -> (..., 4C), GELU after it
-    mlp_out: _Dense  # (..., 4C) -> (..., C)
 
 
 class GPT2Runner:
@@ -124,124 +57,111 @@ class GPT2Runner:
         n_ctx: int | None = None,
         memory_utilization: float = 0.9,
         native_kernels: bool = True,
+        fixed_shapes: bool | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
-        """Takes `model` over (converts it in place to the device and dtype). `n_ctx`:
-        positions per slot (default: the model's); `memory_utilization`: the share of the
-        memory available after loading the weights that the KV cache may take;
-        `native_kernels`: whether bfloat16 and int8 on the CPU may decode one row with
-        textgen/csrc's kernels (`row_kind`)."""
-        config = model.config
-        if config.model_type != "gpt2":
-            raise ValueError(f"the engine serves GPT-2 architectures, got {config.model_type!r}")
-        if quantize_int8:
-            if device.type != "cpu":
-                raise ValueError(f"int8 quantization runs on the CPU only, got device {device}")
-            dtype = torch.float32
-        model.to(device=device, dtype=dtype).eval()
+        """Takes `model` over (`GPT2` converts it in place to the device and dtype).
+        `n_ctx`: positions per slot (default: the model's); `memory_utilization`: the
+        share of the memory available after loading the weights that the KV cache may
+        take; `native_kernels`: whether bfloat16 and int8 on the CPU may decode one row
+        with textgen/csrc's kernels (`row_kind`); `fixed_shapes`: decode at bucketed
+        shapes (`_decode_fixed`), None: on CUDA only; `cuda_graphs`: with fixed shapes
+        on CUDA, capture each bucket's decode as a CUDA graph now and replay it."""
+        self.model = GPT2(model, device, dtype, quantize_int8, native_kernels)
         self.device = device
-        self.dtype = dtype
-        # Attention and the KV cache run in float32 on the CPU: its reduced-precision
-        # attention kernels are ~5x slower there (bench: 1.0 ms vs 0.2 ms per layer
-        # at batch 32), and decode attention is a small share of the FLOPs.
-        self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
+        self.dtype = self.model.dtype
+        self.cache_dtype = self.model.cache_dtype
+        self.dense_kind = self.model.dense_kind
+        self.row_kind = self.model.row_kind  # "bf16", "int8" or None: one row's kernels
+        self.vocab_size = self.model.vocab_size
         self.max_batch_size = max_batch_size
-        self.n_ctx: int = n_ctx or config.n_positions
-        self.n_embd: int = config.n_embd
-        self.vocab_size: int = config.vocab_size
-        self.n_head: int = config.n_head
-        self.head_dim = config.n_embd // config.n_head
-        transformer = model.transformer
-        self.wte = transformer.wte  # (V, C)
-        self.wpe = transformer.wpe  # (n_ctx, C)
-        self.ln_f = transformer.ln_f
-        self.dense_kind = dense_kind(device, dtype, quantize_int8)
-        self.activation: str = config.activation_function
-        # GPT-2's own activation is tanh GELU, which the bf16, int8 and one-row forms
-        # compute themselves (fused in oneDNN); a config naming another one keeps the
-        # model's in the first two and has no one-row form.
-        self.tanh_gelu = self.activation in ("gelu_new", "gelu_pytorch_tanh")
-        # One row (a lone stream) decodes through native kernels when they run here
-        # (`_decode_row`), bfloat16 or int8 as the rest: per layer, ln_1 weight and bias,
-        # qkv, attn_out, ln_2 weight and bias, fc, mlp_out, each projection as
-        # `_row_projection` lays it out. A second copy of the weights, in a layout that a
-        # matrix-vector product streams at the memory's rate.
-        self.row_kind = {"mkldnn": "bf16", "int8": "int8"}.get(self.dense_kind)
-        inner = config.n_inner or 4 * self.n_embd
-        if not (
-            native_kernels
-            and self.row_kind is not None
-            and self.tanh_gelu
-            and self.n_embd % ROW_SLICE[self.row_kind] == 0
-            and inner % ROW_SLICE[self.row_kind] == 0
-            and self.head_dim % 16 == 0
-            and native.row_decode()
-        ):
-            self.row_kind = None
-        self.row_weights: list[list[torch.Tensor]] = []
-        self.row_head: list[torch.Tensor] = []
-        if self.row_kind is not None:
-            kind = self.row_kind
-            self.row_weights = [
-                [
-                    h.ln_1.weight,
-                    h.ln_1.bias,
-                    *_row_projection(h.attn.c_attn, kind),
-                    *_row_projection(h.attn.c_proj, kind),
-                    h.ln_2.weight,
-                    h.ln_2.bias,
-                    *_row_projection(h.mlp.c_fc, kind),
-                    *_row_projection(h.mlp.c_proj, kind),
-                ]
-                for h in transformer.h
-            ]
-            self.row_head = _row_weights(model.lm_head.weight.detach(), None, kind)
-        self.blocks = [
-            _Block(
-                ln_1=h.ln_1,
-                qkv=self._dense(h.attn.c_attn, h.mlp.act),
-                attn_out=self._dense(h.attn.c_proj, h.mlp.act),
-                scaling=h.attn.scaling,
-                ln_2=h.ln_2,
-                fc=self._dense(h.mlp.c_fc, h.mlp.act),
-                mlp_out=self._dense(h.mlp.c_proj, h.mlp.act),
-            )
-            for h in transformer.h
-        ]
-        head = model.lm_head.weight  # (V, C), tied to wte
-        if self.dense_kind == "plain":
-            self.lm_head: Callable[[torch.Tensor], torch.Tensor] = model.lm_head
-        else:
-            form = getattr(_Dense, self.dense_kind)
-            self.lm_head = form(head.detach().clone(), None, None).forward
-        # Per layer, keys and values: (S, H, T, D). One allocation, zero-filled: a
-        # position a mask hides must hold a finite number (0 x NaN is NaN), so a slot
-        # that may hold NaN is cleared before reuse (`clear_slots`).
-        shape = (len(self.blocks), 2, max_batch_size, self.n_head, self.n_ctx, self.head_dim)
+        self.n_ctx: int = n_ctx or self.model.n_positions
+        self.fixed_shapes = device.type == "cuda" if fixed_shapes is None else fixed_shapes
+        # Fixed shapes: one more slot after the sequences', the scratch slot, which
+        # padding rows write and read and no sequence ever holds.
+        self.scratch_slot = max_batch_size
+        # Per layer, keys and values: (S, H, T, D), S = max_batch_size (+ 1 scratch).
+        # One allocation, zero-filled: a position a mask hides must hold a finite number
+        # (0 x NaN is NaN), so a slot that may hold NaN is cleared before reuse
+        # (`clear_slots`).
+        self.kv_cache = self._allocate_cache(
+            max_batch_size, int(self.fixed_shapes), memory_utilization
+        )
+        self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.itemsize
+        self.batch_buckets = batch_buckets(max_batch_size)
+        self.length_buckets = length_buckets(self.n_ctx)
+        # Fixed shapes: per batch bucket B', the static inputs (3, B') long: token ids,
+        # positions, slots. A step copies its rows (and padding) in with one copy.
+        self.static_inputs: dict[int, torch.Tensor] = {}
+        if self.fixed_shapes:
+            self.static_inputs = {
+                rows: torch.zeros((3, rows), dtype=torch.long, device=device)
+                for rows in self.batch_buckets
+            }
+        # (B', L) -> the captured decode, which writes its logits into the first B' rows
+        # of `static_logits` (max B', V) float32.
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.static_logits: torch.Tensor | None = None
+        if self.fixed_shapes and cuda_graphs and device.type == "cuda":
+            self._capture_graphs()
+
+    def _allocate_cache(self, slots: int, scratch: int, memory_utilization: float) -> torch.Tensor:
+        """The zero-filled cache (layers, 2, slots + scratch, H, T, D), or CacheDoesNotFit."""
+        shape = self.model.cache_shape(slots + scratch, self.n_ctx)
         needed = math.prod(shape) * self.cache_dtype.itemsize
-        available = available_memory(device)
+        available = available_memory(self.device)
         if needed > memory_utilization * available:
             allowed = memory_utilization * available
             raise CacheDoesNotFit(
-                f"the KV cache needs {_size(needed)} ({max_batch_size} slots x {self.n_ctx} "
-                f"positions x {len(self.blocks)} layers x {self.n_embd} x 2 (keys, values) x "
+                f"the KV cache needs {_size(needed)} ({slots} slots"
+                f"{f' + {scratch} scratch' if scratch else ''} x {self.n_ctx} "
+                f"positions x {shape[0]} layers x {self.model.n_embd} x 2 (keys, values) x "
                 f"{self.cache_dtype.itemsize} bytes) but may take only {_size(allowed)} "
                 f"(TEXTGEN_MEMORY_UTILIZATION={memory_utilization:g} of {_size(available)} "
-                f"available on {device}); lower TEXTGEN_MAX_BATCH_SIZE or TEXTGEN_MAX_MODEL_LEN"
+                f"available on {self.device}); lower TEXTGEN_MAX_BATCH_SIZE or "
+                "TEXTGEN_MAX_MODEL_LEN"
             )
-        self.kv_cache = torch.zeros(shape, device=device, dtype=self.cache_dtype)
-        self.kv_cache_bytes = needed
+        return torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
 
-    def _dense(self, conv: nn.Module, act: nn.Module) -> _Dense:
-        """A Hugging Face Conv1D (weight (n_in, n_out)) in this runner's form. The other
-        forms copy the weight and leave the Conv1D's own tensor empty."""
-        if self.dense_kind == "plain":
-            return _Dense.plain(conv.weight.detach(), conv.bias.detach(), act)
-        weight = conv.weight.detach().t().contiguous()
-        dense = getattr(_Dense, self.dense_kind)(
-            weight, conv.bias.detach(), None if self.tanh_gelu else act
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        """Captures `forward_fixed` at every (batch, length) bucket as a CUDA graph, the
+        largest first so that the others reuse its memory pool, and logs the time and
+        memory they took. Capture runs padding rows only: it writes the scratch slot."""
+        started = time.perf_counter()
+        free_before, _ = torch.cuda.mem_get_info(self.device)
+        for inputs in self.static_inputs.values():  # every row a padding row
+            inputs.copy_(torch.tensor([0, 0, self.scratch_slot])[:, None].expand_as(inputs))
+        logits = torch.empty((self.batch_buckets[-1], self.vocab_size), device=self.device)
+        pool = torch.cuda.graph_pool_handle()
+        for length in reversed(self.length_buckets):
+            for rows in reversed(self.batch_buckets):
+                self.forward_fixed(rows, length)  # eager first: kernels chosen, workspaces made
+
+                def step(rows: int = rows, length: int = length) -> None:
+                    logits[:rows] = self.forward_fixed(rows, length)
+
+                self.graphs[(rows, length)] = self._capture(step, pool)
+        self.static_logits = logits
+        torch.cuda.synchronize(self.device)
+        free_after, _ = torch.cuda.mem_get_info(self.device)
+        logger.info(
+            "CUDA graphs: %d captured (batch sizes %s x attended lengths %s) in %.2fs, taking %s",
+            len(self.graphs),
+            self.batch_buckets,
+            self.length_buckets,
+            time.perf_counter() - started,
+            _size(max(0, free_before - free_after)),
         )
-        conv.weight.data = conv.weight.data.new_empty(0)  # the runner holds the only copy
-        return dense
+
+    @staticmethod
+    def _capture(step: Callable[[], None], pool: tuple[int, int]) -> torch.cuda.CUDAGraph:
+        """`step`, captured as a CUDA graph in memory pool `pool`: each replay reruns its
+        kernels over the same tensors (what they hold then)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            step()
+        return graph
 
     def clear_slots(self, slots: list[int] | None = None) -> None:
         """Zeroes the given slots' keys and values (every slot when None)."""
@@ -302,18 +222,9 @@ class GPT2Runner:
         if any(starts):
             return self._prefill_after(prompts, slots, every_position, starts)
         ids = _padded(prompts).to(self.device)  # padding is never attended
-        n, t = ids.shape
-        slot_ids = torch.tensor(slots, device=self.device)  # (n,)
-        positions = torch.arange(t, device=self.device)
-        x = self.wte(ids) + self.wpe(positions)  # (n, T, C)
-        for block, kv in zip(self.blocks, self.kv_cache, strict=True):
-            qkv = block.qkv.forward(block.ln_1(x)).to(self.cache_dtype)  # (n, T, 3C)
-            qkv = qkv.view(n, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv  # each (n, H, T, D)
-            kv[0, slot_ids, :, :t] = k
-            kv[1, slot_ids, :, :t] = v
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scaling)
-            x = self._finish_block(block, x, a.transpose(1, 2).reshape(n, t, self.n_embd))
+        positions = torch.arange(ids.shape[1], device=self.device)  # (T,)
+        attention = CausalPrefill(torch.tensor(slots, device=self.device))
+        x = self.model.forward(ids, positions, attention, self.kv_cache)  # (n, T, C)
         return self._prefill_logits(x, prompts, every_position)
 
     def _prefill_after(
@@ -332,24 +243,21 @@ class GPT2Runner:
         start = torch.tensor(starts)[:, None]  # (n, 1)
         positions = start + torch.arange(t)  # (n, T); padding's may pass the context
         real = torch.arange(t) < lengths[:, None]  # (n, T)
-        write_slots = torch.tensor(slots)[:, None].expand(n, t)[real].to(self.device)  # (R,)
-        write_pos = positions[real].to(self.device)  # (R,) R = real tokens
         attended = int((start[:, 0] + lengths).max())  # L: keys 0..L-1 of every row's slot
         # Query at position p attends keys 0..p of its slot: (n, 1, T, L). A padding
         # query attends from key 0 on, so no softmax row is empty (its output is dropped).
-        mask = (torch.arange(attended) <= positions[:, :, None])[:, None].to(self.device)
-        ids, slot_ids = ids.to(self.device), torch.tensor(slots, device=self.device)
-        x = self.wte(ids) + self.wpe(positions.clamp(max=self.n_ctx - 1).to(self.device))
-        for block, kv in zip(self.blocks, self.kv_cache, strict=True):
-            qkv = block.qkv.forward(block.ln_1(x)).to(self.cache_dtype)  # (n, T, 3C)
-            qkv = qkv.view(n, t, 3, self.n_head, self.head_dim)
-            # kv (2, S, H, T, D) indexed [:, slot, :, pos] is (R, 2, H, D)
-            kv[:, write_slots, :, write_pos] = qkv[:, :, 1:][real.to(self.device)]
-            q = qkv[:, :, 0].transpose(1, 2)  # (n, H, T, D)
-            keys = kv[0, slot_ids, :, :attended]  # (n, H, L, D)
-            values = kv[1, slot_ids, :, :attended]
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=block.scaling)
-            x = self._finish_block(block, x, a.transpose(1, 2).reshape(n, t, self.n_embd))
+        mask = (torch.arange(attended) <= positions[:, :, None])[:, None]
+        attention = PrefixPrefill(
+            slots=torch.tensor(slots, device=self.device),
+            real=real.to(self.device),
+            write_slots=torch.tensor(slots)[:, None].expand(n, t)[real].to(self.device),
+            write_positions=positions[real].to(self.device),
+            mask=mask.to(self.device),
+            length=attended,
+        )
+        ids = ids.to(self.device)
+        positions = positions.clamp(max=self.n_ctx - 1).to(self.device)
+        x = self.model.forward(ids, positions, attention, self.kv_cache)  # (n, T, C)
         return self._prefill_logits(x, prompts, every_position)
 
     def _prefill_logits(
@@ -357,73 +265,101 @@ class GPT2Runner:
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Residual stream (n, T, C) after the last block -> the logits of each row's last
         position (n, V) and, for the rows in `every_position`, of all its positions."""
-        scored = [self.lm_head(self.ln_f(x[i, : len(prompts[i])])).float() for i in every_position]
+        scored = [self.model.logits(x[i, : len(prompts[i])]) for i in every_position]
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)  # (n,)
         x = x[torch.arange(len(prompts), device=self.device), last]  # (n, C)
-        return self.lm_head(self.ln_f(x)).float(), scored
+        return self.model.logits(x), scored
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         """One token for each sequence at its position, in its slot; returns logits (B, V)
-        float32. `slots` ascend; when they are 0..B-1 no slot is gathered or scattered."""
+        float32. `slots` ascend."""
+        if len(token_ids) == 1 and self.row_kind is not None:
+            return self.model.decode_row(token_ids[0], positions[0], slots[0], self.kv_cache)
+        if self.fixed_shapes:
+            return self._decode_fixed(token_ids, positions, slots)
+        return self._decode_ragged(token_ids, positions, slots)
+
+    def _decode_fixed(
+        self, token_ids: list[int], positions: list[int], slots: list[int]
+    ) -> torch.Tensor:
+        """`decode` at bucketed shapes: the B rows padded to B' (the first batch bucket
+        >= B) with rows of token 0 at position 0 of the scratch slot, attending L keys
+        (the first length bucket > every position). Replays the (B', L) CUDA graph
+        where one was captured."""
         b = len(token_ids)
-        if b == 1 and self.row_kind is not None:
-            return self._decode_row(token_ids[0], positions[0], slots[0])
+        rows = bucket(self.batch_buckets, b)
+        length = bucket(self.length_buckets, max(positions) + 1)
+        pad = rows - b
+        host = torch.tensor(
+            [token_ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad],
+            pin_memory=self.device.type == "cuda",
+        )  # (3, B')
+        self.static_inputs[rows].copy_(host, non_blocking=True)
+        graph = self.graphs.get((rows, length))
+        if graph is None or self.static_logits is None:
+            return self.forward_fixed(rows, length)[:b]
+        graph.replay()
+        return self.static_logits[:b].clone()  # the next replay overwrites static_logits
+
+    def forward_fixed(self, rows: int, length: int) -> torch.Tensor:
+        """The decode step over the static inputs of batch bucket `rows` (B'), attending
+        `length` (L) keys per row: logits (B', V) float32, padding rows' included. Reads
+        and writes device tensors only (no host work), so a CUDA graph can capture it."""
+        ids, positions, slots = self.static_inputs[rows]  # each (B',)
+        attention = FixedDecode.build(slots, positions, length)
+        return self.model.logits(self.model.forward(ids, positions, attention, self.kv_cache))
+
+    def _decode_ragged(
+        self, token_ids: list[int], positions: list[int], slots: list[int]
+    ) -> torch.Tensor:
+        """`decode` with shapes fitted to this step (`RaggedDecode`): when the slots are
+        0..B-1 no slot is gathered or scattered."""
+        b = len(token_ids)
         span = slots[-1] + 1  # attention runs over slots 0..span-1, holes included
         length = max(positions) + 1  # L: no slot attends past the longest live sequence
         ids = torch.tensor(token_ids, device=self.device)  # (B,)
         pos = torch.tensor(positions, device=self.device)  # (B,)
         slot_ids = torch.tensor(slots, device=self.device)  # (B,)
-        holes = span != b  # slots are sorted and unique: no holes iff they are 0..B-1
         # Slot s attends to its own positions 0..pos[s]; a hole attends to position 0
         # only (a finite row, discarded), so no row of the softmax is empty. When every
         # row attends all L positions (one sequence, or all at one length) no mask is
         # needed, and SDPA takes its faster unmasked path.
         mask = None
-        if holes:
+        if span != b:  # slots are sorted and unique: holes iff they are not 0..B-1
             live_pos = torch.zeros(span, dtype=pos.dtype, device=self.device)
             live_pos[slot_ids] = pos
-            mask = torch.arange(length, device=self.device) <= live_pos[:, None]  # (S, L)
+            mask = torch.arange(length, device=self.device) <= live_pos[:, None]  # (S', L)
         elif min(positions) != length - 1:
             mask = torch.arange(length, device=self.device) <= pos[:, None]  # (B, L)
         if mask is not None:
-            mask = mask[:, None, None, :]  # (S, 1, 1, L)
-        x = self.wte(ids) + self.wpe(pos)  # (B, C)
-        for block, kv in zip(self.blocks, self.kv_cache, strict=True):
-            qkv = block.qkv.forward(block.ln_1(x)).to(self.cache_dtype)  # (B, 3C)
-            qkv = qkv.view(b, 3, self.n_head, self.head_dim)
-            # kv (2, S, H, T, D) indexed [:, slot, :, pos] is (B, 2, H, D): keys and
-            # values written in one op.
-            kv[:, slot_ids, :, pos] = qkv[:, 1:]
-            q = qkv[:, 0, :, None]  # (B, H, 1, D)
-            if holes:  # (S, H, 1, D), holes zero
-                q = q.new_zeros((span, *q.shape[1:])).index_copy_(0, slot_ids, q)
-            keys, values = kv[0, :span, :, :length], kv[1, :span, :, :length]  # (S, H, L, D)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=block.scaling)
-            if holes:
-                a = a.index_select(0, slot_ids)  # (B, H, 1, D)
-            x = self._finish_block(block, x, a.reshape(b, self.n_embd))
-        return self.lm_head(self.ln_f(x)).float()
-
-    def _decode_row(self, token_id: int, position: int, slot: int) -> torch.Tensor:
-        """`decode` for one sequence through textgen/csrc/row_decode.cpp: one call per
-        layer. Returns logits (1, V) float32."""
-        ops = torch.ops.textgen_row
-        block = ops.block_bf16 if self.row_kind == "bf16" else ops.block_int8
-        x = self.wte.weight[token_id] + self.wpe.weight[position]  # (C,) the model's dtype
-        for weights, kv, layer in zip(self.row_weights, self.kv_cache, self.blocks, strict=True):
-            block(x, weights, kv, slot, position, layer.scaling, layer.ln_1.eps)
-        head = ops.head_bf16 if self.row_kind == "bf16" else ops.head_int8
-        return head(x, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps, self.row_head)[None]
-
-    def _finish_block(self, block: _Block, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Residual stream x (..., C) and attention output a (..., C), heads merged ->
-        the residual stream after the block."""
-        x = block.attn_out.add(a.to(self.dtype), x)
-        return block.mlp_out.add(block.fc.gelu(block.ln_2(x)), x)
+            mask = mask[:, None, None, :]  # (S' or B, 1, 1, L)
+        attention = RaggedDecode(slot_ids, pos, span, length, mask)
+        x = self.model.forward(ids, pos, attention, self.kv_cache)  # (B, C)
+        return self.model.logits(x)
 
 
-ROW_SLICE = {"bf16": 32, "int8": 64}  # K-elements per 512-bit register
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes fixed-shape decode runs at: 1, 2, 4, 8, then every multiple of 16,
+    then `max_batch_size`, none above it (as nano-vllm's graph batch sizes)."""
+    sizes = {b for b in SMALL_BATCH_BUCKETS if b < max_batch_size}
+    sizes.update(range(BATCH_BUCKET_STEP, max_batch_size, BATCH_BUCKET_STEP))
+    return sorted({*sizes, max_batch_size})
+
+
+def length_buckets(n_ctx: int) -> list[int]:
+    """The attended lengths fixed-shape decode runs at: 128, 256, ... below `n_ctx`,
+    then `n_ctx`."""
+    sizes, length = [], MIN_LENGTH_BUCKET
+    while length < n_ctx:
+        sizes.append(length)
+        length *= 2
+    return [*sizes, n_ctx]
+
+
+def bucket(sizes: list[int], n: int) -> int:
+    """The first of the ascending `sizes` that holds `n` (n <= sizes[-1])."""
+    return sizes[bisect.bisect_left(sizes, n)]
 
 
 def _padded(prompts: list[list[int]]) -> torch.Tensor:
@@ -432,49 +368,6 @@ def _padded(prompts: list[list[int]]) -> torch.Tensor:
     for i, prompt in enumerate(prompts):
         ids[i, : len(prompt)] = torch.tensor(prompt)
     return ids
-
-
-def _blocked_weight(weight: torch.Tensor, width: int) -> list[torch.Tensor]:
-    """W (N, K), nn.Linear's layout -> [blocks (N // 8, K / width, 8, width), tail
-    (N % 8, K)], the layout of textgen/csrc/row_decode.cpp: each group of 8 output rows is
-    one contiguous run, the rows' width-wide slices of K interleaved. K % width == 0."""
-    n, k = weight.shape
-    grouped = n - n % 8
-    blocks = weight[:grouped].reshape(grouped // 8, 8, k // width, width).transpose(1, 2)
-    return [blocks.contiguous(), weight[grouped:].contiguous()]
-
-
-def _row_weights(weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> list[torch.Tensor]:
-    """W (N, K) and bias (N,) -> a projection's tensors for row_decode.cpp. bf16: blocks,
-    tail, bias. int8: W quantized symmetrically with one scale per output row; blocks,
-    tail, scales (N,) float32, the rows' sums of int8 weights (N,) int32, bias."""
-    dtype = weight.dtype if kind == "bf16" else torch.float32
-    bias = bias.detach().to(dtype) if bias is not None else weight.new_empty(0, dtype=dtype)
-    if kind == "bf16":
-        return [*_blocked_weight(weight, ROW_SLICE[kind]), bias]
-    scales = weight.float().abs().amax(dim=1).clamp_min(1e-30) / 127  # (N,)
-    quantized = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    sums = quantized.sum(dim=1, dtype=torch.int32)
-    return [*_blocked_weight(quantized, ROW_SLICE[kind]), scales, sums, bias]
-
-
-def _row_projection(conv: nn.Module, kind: str) -> list[torch.Tensor]:
-    """A Hugging Face Conv1D (weight (n_in, n_out)) -> its tensors for row_decode.cpp."""
-    return _row_weights(conv.weight.detach().t(), conv.bias, kind)
-
-
-def dense_kind(device: torch.device, dtype: torch.dtype, quantize_int8: bool) -> str:
-    """Which `_Dense` form the projections take."""
-    if quantize_int8:
-        return "int8"
-    if (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    ):
-        return "mkldnn"
-    return "plain"
 
 
 def _size(n: float) -> str:
