@@ -119,6 +119,8 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     finally:
         task.cancel()
         gone.cancel()
+        if gone.done() and not gone.cancelled():
+            gone.exception()  # retrieved: a failed receive is no news, not a logged error
 
 
 async def _disconnected(request: Request) -> None:
@@ -229,7 +231,8 @@ async def _sse_events(
                 tokens = [{"id": e.token_id, "text": e.text} for e in group]  # type: ignore[union-attr]
                 yield sse({"token": tokens[0]} if len(tokens) == 1 else {"tokens": tokens})
             elif event.status is Status.FAILED:
-                yield sse({"error": event.error or "generation failed"})
+                error = {"error": event.error or "generation failed"}
+                yield sse({**error, "param": event.param} if event.param else error)
             else:
                 yield sse(_final_payload(event, request, seq))
     except Exception as exc:  # an error after the stream started ends it cleanly

@@ -187,7 +187,10 @@ class SequenceOutput:
 
     def _observe(self, now: float, gaps: Counter[float] | None) -> None:
         if self.last_token_time is None:
-            self._metrics.time_to_first_token.observe(now - self.seq.arrival_time)
+            try:  # a metrics failure must not cost a client its events
+                self._metrics.time_to_first_token.observe(now - self.seq.arrival_time)
+            except Exception:
+                logger.exception("observing a time to first token failed")
         elif gaps is not None:
             gaps[now - self.last_token_time] += 1
         else:
