@@ -172,20 +172,29 @@ async def _run(
     deadline, `timeout_s` less the `waited_s` already spent waiting for a turn
     (ChatTemplateError), past `limit` bytes of output (ChatTemplateError), and whenever
     the caller is cancelled."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-X",
-        "utf8",
-        "-m",
-        "textgen.chat_sandbox",
-        str(memory_mb << 20),
-        str(math.ceil(timeout_s) + 1),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        cwd=_ROOT,
-        env={},  # nothing of the server's environment (its API key) reaches a template
+    spawning = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
+            sys.executable,
+            "-X",
+            "utf8",
+            "-m",
+            "textgen.chat_sandbox",
+            str(memory_mb << 20),
+            str(math.ceil(timeout_s) + 1),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            cwd=_ROOT,
+            env={},  # nothing of the server's environment (its API key) reaches a template
+        )
     )
+    # A caller cancelled while the child is being spawned must not leave it running: the
+    # spawn goes on shielded, and the child is killed as soon as it exists.
+    try:
+        proc = await asyncio.shield(spawning)
+    except asyncio.CancelledError:
+        spawning.add_done_callback(_kill_spawned)
+        raise
     try:
         out = await asyncio.wait_for(_read(proc, job, limit), max(0.0, timeout_s - waited_s))
     except _TooLong:
@@ -204,6 +213,14 @@ async def _run(
             proc.kill()
             await proc.wait()
     return out, proc.returncode
+
+
+def _kill_spawned(spawning: asyncio.Future[asyncio.subprocess.Process]) -> None:
+    """Kills the child a cancelled `_run` had started to spawn (asyncio reaps it)."""
+    if not spawning.cancelled() and spawning.exception() is None:
+        proc = spawning.result()
+        if proc.returncode is None:
+            proc.kill()
 
 
 def _cut(text: str) -> str:
