@@ -144,7 +144,7 @@ async def generate(
 
     try:
         seq = await new_sequence(engine, request)
-        events = engine.stream([seq], route)
+        events = engine.stream([seq], route, final_only=True)
     except ParamError as exc:
         return error(400, str(exc), exc.param)
     except EngineOverloaded as exc:

@@ -24,6 +24,7 @@ model in float32 or bfloat16.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -250,18 +251,23 @@ class Engine:
                     f"token id {token_id} is not in the vocabulary (0..{self.vocab_size - 1})",
                 )
 
-    def stream(self, seqs: list[Sequence], label: str = "engine") -> EventStream:
+    def stream(
+        self, seqs: list[Sequence], label: str = "engine", final_only: bool = False
+    ) -> EventStream:
         """Submits sequences together, now.
 
         Raises EngineOverloaded when the queue is full, EngineUnavailable when the
         engine is dead or wedged. `label` labels the requests metric, counted by
-        the engine when each sequence finishes.
+        the engine when each sequence finishes. `final_only` (a response sent whole):
+        the events are the same, but its reader wakes once, when every sequence has
+        finished, not at each token (vLLM's RequestOutputKind.FINAL_ONLY).
         """
         reason = self.health()
         if reason is not None:
             raise EngineUnavailable(reason)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Event]] | HeldEvents
+        queue = HeldEvents(len(seqs), loop) if final_only else asyncio.Queue()
         for seq in seqs:
             output = SequenceOutput(
                 seq, queue, self._detokenizer(), label, self.metrics, self.scheduler.cancel
@@ -592,6 +598,34 @@ class Engine:
                 loop.call_soon_threadsafe(process_step, batch, now, self.metrics)
 
 
+class HeldEvents:
+    """A queue whose reader wants all of it: the events of `pending` sequences are held
+    (as `SequenceOutput` puts them, in order) and `done` is set once, when the last
+    FinishEvent is put. Its reader wakes once per request, not once per token."""
+
+    def __init__(self, pending: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.events: collections.deque[tuple[int, Event]] = collections.deque()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._pending = pending  # sequences whose FinishEvent has not been put
+
+    def put_nowait(self, item: tuple[int, Event]) -> None:
+        self.events.append(item)
+        if isinstance(item[1], FinishEvent):
+            self._pending -= 1
+            if not self._pending and not self.done.done():  # (cancelled: reader gone)
+                self.done.set_result(None)
+
+    async def get(self) -> tuple[int, Event]:
+        await self.done  # every event is held once it is set
+        return self.events.popleft()
+
+    def empty(self) -> bool:
+        return not self.done.done() or not self.events
+
+    def get_nowait(self) -> tuple[int, Event]:
+        return self.events.popleft()
+
+
 class EventStream:
     """The events of submitted sequences, as (index in `seqs`, event), until all finish.
 
@@ -600,13 +634,16 @@ class EventStream:
     """
 
     def __init__(
-        self, scheduler: Scheduler, seqs: list[Sequence], queue: asyncio.Queue[tuple[int, Event]]
+        self,
+        scheduler: Scheduler,
+        seqs: list[Sequence],
+        queue: asyncio.Queue[tuple[int, Event]] | HeldEvents,
     ) -> None:
         self._scheduler = scheduler
         self._seqs = seqs
         self._queue = queue
         self._index = {seq.request_id: i for i, seq in enumerate(seqs)}
-        self._pending = len(seqs)  # sequences whose FinishEvent has not come yet
+        self._pending = len(seqs)  # sequences whose FinishEvent has not been read
 
     def __aiter__(self) -> EventStream:
         return self
@@ -621,7 +658,7 @@ class EventStream:
 
     def ready(self) -> list[tuple[int, Event]]:
         """Every event already queued, taken without waiting, in order (streams coalesce
-        them: textgen/coalesce.py)."""
+        them: textgen/coalesce.py). Held events are ready once all of them are."""
         taken = []
         queue = self._queue
         while self._pending and not queue.empty():

@@ -727,7 +727,7 @@ async def _generate(
             logger.warning("%s: ignored unknown fields: %s", request.url.path, ignored)
             headers[IGNORED_FIELDS_HEADER] = ignored
         work = await build(req, frontend, request)
-        events = frontend.engine.stream(work.seqs, request.url.path)
+        events = frontend.engine.stream(work.seqs, request.url.path, final_only=not req.stream)
         if req.stream:
             return EventStreamResponse(_sse_stream(work, events), events, headers=headers)
         try:
