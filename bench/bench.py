@@ -34,6 +34,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadgen import closed_loop, pool  # noqa: E402 (bench/loadgen.py, beside this file)
+
 PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a remote"
 
 
@@ -152,17 +154,10 @@ async def run_level(target: Target, concurrency: int, work: Workload, rounds: in
     # llama-server (cpp-httplib) closes a kept-alive connection after 5 requests, racing
     # the client's next one on it: one connection per request there.
     keepalive = 0 if target.kind == "llama" else None
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=keepalive)
-    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
-
-        async def worker() -> list[tuple[float, float]]:
-            return [await one_request(client, target, work) for _ in range(rounds)]
-
-        started = time.perf_counter()
-        results = [
-            r for w in await asyncio.gather(*(worker() for _ in range(concurrency))) for r in w
-        ]
-        wall = time.perf_counter() - started
+    async with pool(concurrency, keepalive=keepalive) as client:
+        results, wall = await closed_loop(
+            concurrency, lambda _k, _r: one_request(client, target, work), rounds=rounds
+        )
     ttfts, latencies = [r[0] for r in results], [r[1] for r in results]
     return Level(
         system=target.name,

@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadgen import closed_loop, pool  # noqa: E402 (bench/loadgen.py, beside this file)
+
 from textgen.config import Settings  # noqa: E402
 from textgen.engine import Engine, ModelInfo  # noqa: E402
 from textgen.models import gpt2_tokenizer, random_gpt2  # noqa: E402
@@ -201,19 +203,17 @@ def body(route: str, prompt: str, new_tokens: int) -> dict[str, Any]:
 
 async def http_load(url: str, route: str, texts: list[str], new_tokens: int) -> tuple[float, int]:
     """All `texts` at once as concurrent clients; (output tok/s, failed requests)."""
-    limits = httpx.Limits(max_connections=len(texts) + 4, max_keepalive_connections=len(texts))
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with pool(len(texts), timeout=600, keepalive=len(texts), base_url=url) as client:
 
-        async def one(text: str) -> bool:
+        async def one(k: int, _r: int) -> bool:
             try:
-                r = await client.post(route, json=body(route, text, new_tokens))
+                r = await client.post(route, json=body(route, texts[k], new_tokens))
                 return r.status_code == 200
             except httpx.HTTPError:
                 return False
 
-        begun = time.perf_counter()
-        ok = await asyncio.gather(*(one(t) for t in texts))
-    return sum(ok) * new_tokens / (time.perf_counter() - begun), ok.count(False)
+        ok, wall = await closed_loop(len(texts), one, rounds=1)
+    return sum(ok) * new_tokens / wall, ok.count(False)
 
 
 def over_http(args: argparse.Namespace, tokenizer: Any) -> list[Row]:

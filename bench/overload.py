@@ -36,6 +36,11 @@ from typing import Any
 
 import httpx
 
+if __package__:  # imported as bench.overload (tests/test_overload.py)
+    from . import loadgen
+else:  # run as a script, beside bench/loadgen.py
+    import loadgen
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a remote"
 REQUEST_TIMEOUT_S = 300.0  # a request with no answer by then counts as a timeout
@@ -109,11 +114,10 @@ class TrackingBackend:
         await self.inner.sleep(seconds)
 
 
-def tracked_client(max_connections: int, keepalive: int | None) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=keepalive)
-    client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits)
-    pool = client._transport._pool  # type: ignore[attr-defined]
-    pool._network_backend = TrackingBackend(pool._network_backend)
+def tracked_client(clients: int, keepalive: int | None) -> httpx.AsyncClient:
+    client = loadgen.pool(clients, timeout=REQUEST_TIMEOUT_S, keepalive=keepalive)
+    connections = client._transport._pool  # type: ignore[attr-defined]
+    connections._network_backend = TrackingBackend(connections._network_backend)
     return client
 
 
@@ -156,27 +160,21 @@ async def one_request(client: httpx.AsyncClient, url: str, new_tokens: int) -> O
 
 async def closed_loop(url: str, clients: int, requests: int, new_tokens: int) -> Phase:
     phase = Phase(f"closed loop, {clients} clients")
-    async with tracked_client(clients + 4, None) as client:
-        left = requests
+    async with tracked_client(clients, None) as client:
 
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                outcome = await one_request(client, url, new_tokens)
-                phase.outcomes.append(outcome)
-                if outcome.status in (429, 503):
-                    await asyncio.sleep(1.0)  # as Retry-After says
+        async def one(_k: int, _r: int) -> None:
+            outcome = await one_request(client, url, new_tokens)
+            phase.outcomes.append(outcome)
+            if outcome.status in (429, 503):
+                await asyncio.sleep(1.0)  # as Retry-After says
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        phase.wall_s = time.perf_counter() - started
+        _, phase.wall_s = await loadgen.closed_loop(clients, one, requests=requests)
     return phase
 
 
 async def burst(url: str, count: int, seconds: float, new_tokens: int) -> Phase:
     phase = Phase(f"burst, {count} requests in {seconds:g} s")
-    async with tracked_client(count + 4, 0) as client:
+    async with tracked_client(count, 0) as client:
         started = time.perf_counter()
 
         async def at(offset: float) -> None:
