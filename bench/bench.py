@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -171,8 +172,16 @@ async def run_level(target: Target, concurrency: int, work: Workload, rounds: in
     )
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, probe: str = "/readyz") -> None:
-    deadline = time.monotonic() + 300
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(
+    url: str, proc: subprocess.Popen, log: Path, probe: str = "/readyz", timeout_s: float = 300
+) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
@@ -186,7 +195,12 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, probe: str = "/ready
 
 
 def start(
-    cmd: list[str], env: dict[str, str], port: int, log: Path, probe: str = "/readyz"
+    cmd: list[str],
+    env: dict[str, str],
+    port: int,
+    log: Path,
+    probe: str = "/readyz",
+    timeout_s: float = 300,
 ) -> subprocess.Popen:
     proc = subprocess.Popen(
         cmd,
@@ -197,7 +211,7 @@ def start(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    wait_ready(f"http://127.0.0.1:{port}", proc, log, probe)
+    wait_ready(f"http://127.0.0.1:{port}", proc, log, probe, timeout_s)
     return proc
 
 
@@ -218,15 +232,20 @@ def prepare_model(work: Path, tiny: bool = False) -> tuple[Path, Path, str]:
     random_gpt2(tiny=tiny).save_pretrained(model_dir)
     gpt2_tokenizer().save_pretrained(model_dir)
     home = work / "bentoml_home"
+    return model_dir, home, import_model(home, "--from-dir", str(model_dir))
+
+
+def import_model(home: Path, *flags: str) -> str:
+    """Runs `download_model.py flags` into the model store at `home`; returns the tag."""
     out = subprocess.run(
-        [sys.executable, "download_model.py", "--from-dir", str(model_dir)],
+        [sys.executable, "download_model.py", *flags],
         cwd=ROOT,
-        env={**os.environ, "BENTOML_HOME": str(home)},
+        env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"},
         capture_output=True,
         text=True,
         check=True,
     )
-    return model_dir, home, out.stdout.strip()
+    return out.stdout.strip().splitlines()[-1]
 
 
 def bench_system(

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from loadgen import closed_loop, pool  # noqa: E402 (bench/loadgen.py)
 
-from bench import PROMPT, prepare_model, scan_events, start, stop  # noqa: E402 (bench/bench.py)
+from bench import PROMPT, free_port, prepare_model, scan_events, start, stop  # noqa: E402 (bench/bench.py)
 from textgen.config import Settings  # noqa: E402
 from textgen.engine import Engine, ModelInfo  # noqa: E402
 from textgen.models import gpt2_tokenizer, random_gpt2  # noqa: E402
@@ -148,12 +147,6 @@ async def over_http(url: str, clients: int, rounds: int, streaming: bool) -> flo
             assert usage["completion_tokens"] == NEW_TOKENS, usage
 
         return await tokens_per_s(clients, rounds, one)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:

@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
-import subprocess
+import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,6 @@ if __package__:  # imported as bench.overload (tests/test_overload.py)
 else:  # run as a script, beside bench/loadgen.py
     import loadgen
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a remote"
 REQUEST_TIMEOUT_S = 300.0  # a request with no answer by then counts as a timeout
 SERVER_ENV = {
@@ -219,39 +218,25 @@ def report(phase: Phase) -> str:
     return "\n".join(lines)
 
 
-def serve(model: str, work: Path) -> tuple[str, subprocess.Popen]:
-    home = work / "bentoml_home"
-    env = {**os.environ, "BENTOML_HOME": str(home), **SERVER_ENV}
-    flags = ["--random-init", "--name", "overload"] + (["--tiny"] if model == "tiny" else [])
-    out = subprocess.run(
-        [sys.executable, "download_model.py", *flags],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    tag = out.stdout.strip().splitlines()[-1]
-    from tests.conftest import free_port  # the tests' helper: a free local port
+@contextlib.contextmanager
+def served(model: str, work: Path) -> Iterator[str]:
+    """The model (random weights) imported into a store under `work` and served; its URL."""
+    from bench import free_port, import_model, start, stop  # bench/bench.py (script only)
 
+    home = work / "bentoml_home"
+    flags = ["--random-init", "--name", "overload"] + (["--tiny"] if model == "tiny" else [])
+    tag = import_model(home, *flags)
     port = free_port()
     log = work / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port", str(port)],
-        cwd=ROOT,
-        env={**env, "TEXTGEN_MODEL": tag},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port"]
+    env = {"BENTOML_HOME": str(home), **SERVER_ENV, "TEXTGEN_MODEL": tag}
+    proc = start([*cmd, str(port)], env, port, log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while readyz(url) != 200:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
     print(f"serving {tag} at {url}, log {log}", flush=True)
-    return url, proc
+    try:
+        yield url
+    finally:
+        stop(proc)
 
 
 async def run(url: str, args: argparse.Namespace) -> list[Phase]:
@@ -279,17 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--url", help="a running server instead of starting one")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     if args.url:
         phases = asyncio.run(run(args.url, args))
     else:
-        with tempfile.TemporaryDirectory(prefix="overload_") as tmp:
-            url, proc = serve(args.model, Path(tmp))
-            try:
-                phases = asyncio.run(run(url, args))
-            finally:
-                os.killpg(proc.pid, 15)
-                proc.wait(timeout=60)
+        with (
+            tempfile.TemporaryDirectory(prefix="overload_") as tmp,
+            served(args.model, Path(tmp)) as url,
+        ):
+            phases = asyncio.run(run(url, args))
     failed = any(
         o.status is None or (o.status >= 500 and o.status != 503) or o.detail
         for p in phases
