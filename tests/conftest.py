@@ -21,6 +21,7 @@ from textgen.config import Settings
 from textgen.engine import Engine, ModelInfo
 from textgen.models import gpt2_tokenizer, random_gpt2
 from textgen.params import SamplingParams
+from textgen.scheduler import TokenEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +77,42 @@ async def collect(engine: Engine, prompt: str, params: SamplingParams) -> tuple[
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+async def token_ids(
+    engine: Engine,
+    prompt: str | list[int],
+    params: SamplingParams,
+    cancel_after: int | None = None,
+) -> list[int]:
+    """Token ids of one request (a text prompt is tokenized first); closes its stream
+    after `cancel_after` tokens."""
+    ids = engine.tokenize(prompt) if isinstance(prompt, str) else prompt
+    events = engine.stream([engine.new_sequence(ids, params)])
+    tokens = []
+    try:
+        async for _, event in events:
+            if isinstance(event, TokenEvent):
+                tokens.append(event.token_id)
+                if cancel_after is not None and len(tokens) == cancel_after:
+                    break
+    finally:
+        await events.aclose()
+    return tokens
+
+
+def staggered(engine: Engine, requests: list[tuple[Any, ...]]) -> list[list[int]]:
+    """Runs `requests`, (delay s, prompt, new tokens, cancelled after) each, on `engine`
+    at once, each starting after its delay; returns their token ids, in order."""
+
+    async def one(delay: float, prompt: Any, n: int, cancel_after: int | None) -> list[int]:
+        await asyncio.sleep(delay)
+        return await token_ids(engine, prompt, SamplingParams(max_new_tokens=n), cancel_after)
+
+    async def all_of_them() -> list[list[int]]:
+        return await asyncio.gather(*(one(*r) for r in requests))
+
+    return run(all_of_them())
 
 
 def free_port() -> int:
