@@ -273,12 +273,20 @@ def stop_server(server: Server) -> int:
     return server.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def server(model_store, tmp_path_factory) -> Iterator[Server]:
+def served(
+    model_store: tuple[Path, str], tmp_path_factory: Any, name: str, **env: str
+) -> Iterator[Server]:
+    """A fixture's server (`yield from` it): `start_server` over `model_store` with `env`,
+    logging to `name`.log in a folder of its own, stopped at the fixture's teardown."""
     home, tag = model_store
-    srv = start_server(home, tag, tmp_path_factory.mktemp("logs") / "serve.log")
+    srv = start_server(home, tag, tmp_path_factory.mktemp("logs") / f"{name}.log", **env)
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def server(model_store, tmp_path_factory) -> Iterator[Server]:
+    yield from served(model_store, tmp_path_factory, "serve")
 
 
 KEY = "s3cret-key"
@@ -287,19 +295,15 @@ KEY = "s3cret-key"
 @pytest.fixture(scope="session")
 def guarded(model_store, tmp_path_factory):
     """A server with an API key and small limits: 2 KV slots, 6 requests at once."""
-    home, tag = model_store
-    log = tmp_path_factory.mktemp("logs") / "guarded.log"
-    srv = start_server(
-        home,
-        tag,
-        log,
+    yield from served(
+        model_store,
+        tmp_path_factory,
+        "guarded",
         TEXTGEN_API_KEY=KEY,
         TEXTGEN_MAX_BATCH_SIZE="2",
         TEXTGEN_MAX_CONCURRENCY="6",
         TEXTGEN_MAX_WAITING="2",
     )
-    yield srv
-    stop_server(srv)
 
 
 # The image `bentoml containerize` makes, built once per session for every test that
