@@ -21,7 +21,7 @@ from textgen.config import Settings
 from textgen.engine import Engine, ModelInfo
 from textgen.models import gpt2_tokenizer, random_gpt2
 from textgen.params import SamplingParams
-from textgen.scheduler import TokenEvent
+from textgen.scheduler import FinishEvent, Sequence, TokenEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,26 +79,39 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def token_ids(
+async def generate(
     engine: Engine,
     prompt: str | list[int],
     params: SamplingParams,
     cancel_after: int | None = None,
-) -> list[int]:
-    """Token ids of one request (a text prompt is tokenized first); closes its stream
-    after `cancel_after` tokens."""
+) -> tuple[list[int], FinishEvent | None, Sequence]:
+    """(token ids, finish event, the sequence) of one request (a text prompt is tokenized
+    first); closes its stream after `cancel_after` tokens (no finish event then)."""
     ids = engine.tokenize(prompt) if isinstance(prompt, str) else prompt
-    events = engine.stream([engine.new_sequence(ids, params)])
-    tokens = []
+    seq = engine.new_sequence(ids, params)
+    events = engine.stream([seq])
+    tokens, final = [], None
     try:
         async for _, event in events:
             if isinstance(event, TokenEvent):
                 tokens.append(event.token_id)
                 if cancel_after is not None and len(tokens) == cancel_after:
                     break
+            elif isinstance(event, FinishEvent):
+                final = event
     finally:
         await events.aclose()
-    return tokens
+    return tokens, final, seq
+
+
+async def token_ids(
+    engine: Engine,
+    prompt: str | list[int],
+    params: SamplingParams,
+    cancel_after: int | None = None,
+) -> list[int]:
+    """Token ids of one request (`generate`'s)."""
+    return (await generate(engine, prompt, params, cancel_after))[0]
 
 
 def staggered(engine: Engine, requests: list[tuple[Any, ...]]) -> list[list[int]]:
