@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from loadgen import closed_loop, pool  # noqa: E402 (bench/loadgen.py, beside this file)
 
 PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a remote"
 
@@ -152,17 +155,10 @@ async def run_level(target: Target, concurrency: int, work: Workload, rounds: in
     # llama-server (cpp-httplib) closes a kept-alive connection after 5 requests, racing
     # the client's next one on it: one connection per request there.
     keepalive = 0 if target.kind == "llama" else None
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=keepalive)
-    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
-
-        async def worker() -> list[tuple[float, float]]:
-            return [await one_request(client, target, work) for _ in range(rounds)]
-
-        started = time.perf_counter()
-        results = [
-            r for w in await asyncio.gather(*(worker() for _ in range(concurrency))) for r in w
-        ]
-        wall = time.perf_counter() - started
+    async with pool(concurrency, keepalive=keepalive) as client:
+        results, wall = await closed_loop(
+            concurrency, lambda _k, _r: one_request(client, target, work), rounds=rounds
+        )
     ttfts, latencies = [r[0] for r in results], [r[1] for r in results]
     return Level(
         system=target.name,
@@ -176,8 +172,16 @@ async def run_level(target: Target, concurrency: int, work: Workload, rounds: in
     )
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, probe: str = "/readyz") -> None:
-    deadline = time.monotonic() + 300
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(
+    url: str, proc: subprocess.Popen, log: Path, probe: str = "/readyz", timeout_s: float = 300
+) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
@@ -191,7 +195,12 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, probe: str = "/ready
 
 
 def start(
-    cmd: list[str], env: dict[str, str], port: int, log: Path, probe: str = "/readyz"
+    cmd: list[str],
+    env: dict[str, str],
+    port: int,
+    log: Path,
+    probe: str = "/readyz",
+    timeout_s: float = 300,
 ) -> subprocess.Popen:
     proc = subprocess.Popen(
         cmd,
@@ -202,7 +211,7 @@ def start(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    wait_ready(f"http://127.0.0.1:{port}", proc, log, probe)
+    wait_ready(f"http://127.0.0.1:{port}", proc, log, probe, timeout_s)
     return proc
 
 
@@ -223,15 +232,20 @@ def prepare_model(work: Path, tiny: bool = False) -> tuple[Path, Path, str]:
     random_gpt2(tiny=tiny).save_pretrained(model_dir)
     gpt2_tokenizer().save_pretrained(model_dir)
     home = work / "bentoml_home"
+    return model_dir, home, import_model(home, "--from-dir", str(model_dir))
+
+
+def import_model(home: Path, *flags: str) -> str:
+    """Runs `download_model.py flags` into the model store at `home`; returns the tag."""
     out = subprocess.run(
-        [sys.executable, "download_model.py", "--from-dir", str(model_dir)],
+        [sys.executable, "download_model.py", *flags],
         cwd=ROOT,
-        env={**os.environ, "BENTOML_HOME": str(home)},
+        env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"},
         capture_output=True,
         text=True,
         check=True,
     )
-    return model_dir, home, out.stdout.strip()
+    return out.stdout.strip().splitlines()[-1]
 
 
 def bench_system(

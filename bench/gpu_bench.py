@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadgen import closed_loop, pool  # noqa: E402 (bench/loadgen.py, beside this file)
+
+from bench import free_port, import_model, start, stop  # noqa: E402 (bench/bench.py)
 from textgen.config import Settings  # noqa: E402
 from textgen.engine import Engine, ModelInfo  # noqa: E402
 from textgen.models import gpt2_tokenizer, random_gpt2  # noqa: E402
@@ -131,29 +133,14 @@ def hf_generate(args: argparse.Namespace, tokenizer: Any) -> list[Row]:
     return rows
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, str, Path]:
+def serve(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, str]:
     """Imports the random model into a store under `work` and serves it; waits for ready."""
-    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "1"}
-    flags = ["--random-init", "--tiny"] if args.quick else ["--random-init"]
-    imported = subprocess.run(
-        [sys.executable, "download_model.py", *flags],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    tag = imported.stdout.strip().splitlines()[-1]
+    home = work / "bentoml_home"
+    tag = import_model(home, "--random-init", *(["--tiny"] if args.quick else []))
     port = free_port()
-    env |= {
+    env = {
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "1",
         "TEXTGEN_MODEL": tag,
         "TEXTGEN_DEVICE": args.device,
         "TEXTGEN_DTYPE": args.dtype,
@@ -161,30 +148,11 @@ def serve(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, str, 
         "TEXTGEN_MAX_BATCH_SIZE": str(max(args.streams)),
         "TEXTGEN_PREFIX_CACHING": "false",
     }
-    log = work / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    started, deadline = time.perf_counter(), time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                print(f"# server ready in {time.perf_counter() - started:.1f}s")
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"the server was not ready in 240 s:\n{log.read_text()[-3000:]}")
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port"]
+    started = time.perf_counter()
+    proc = start([*cmd, str(port)], env, port, work / "serve.log", timeout_s=240)
+    print(f"# server ready in {time.perf_counter() - started:.1f}s")
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def body(route: str, prompt: str, new_tokens: int) -> dict[str, Any]:
@@ -201,25 +169,23 @@ def body(route: str, prompt: str, new_tokens: int) -> dict[str, Any]:
 
 async def http_load(url: str, route: str, texts: list[str], new_tokens: int) -> tuple[float, int]:
     """All `texts` at once as concurrent clients; (output tok/s, failed requests)."""
-    limits = httpx.Limits(max_connections=len(texts) + 4, max_keepalive_connections=len(texts))
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with pool(len(texts), timeout=600, keepalive=len(texts), base_url=url) as client:
 
-        async def one(text: str) -> bool:
+        async def one(k: int, _r: int) -> bool:
             try:
-                r = await client.post(route, json=body(route, text, new_tokens))
+                r = await client.post(route, json=body(route, texts[k], new_tokens))
                 return r.status_code == 200
             except httpx.HTTPError:
                 return False
 
-        begun = time.perf_counter()
-        ok = await asyncio.gather(*(one(t) for t in texts))
-    return sum(ok) * new_tokens / (time.perf_counter() - begun), ok.count(False)
+        ok, wall = await closed_loop(len(texts), one, rounds=1)
+    return sum(ok) * new_tokens / wall, ok.count(False)
 
 
 def over_http(args: argparse.Namespace, tokenizer: Any) -> list[Row]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
-        proc, url, _ = serve(args, Path(tmp))
+        proc, url = serve(args, Path(tmp))
         try:
             for route in ("/generate", "/v1/completions"):
                 for n in args.streams:
@@ -230,11 +196,7 @@ def over_http(args: argparse.Namespace, tokenizer: Any) -> list[Row]:
                     rows.append(Row(f"HTTP {route}", n, cold, warm, e1 + e2))
                     print(f"  {route} {n:>4} clients: {cold:9.1f} cold, {warm:9.1f} warm tok/s")
         finally:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+            stop(proc)
     return rows
 
 

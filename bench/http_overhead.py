@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,13 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
-import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import PROMPT, prepare_model, scan_events, start, stop  # noqa: E402 (bench/bench.py)
+from loadgen import closed_loop, pool  # noqa: E402 (bench/loadgen.py)
+
+from bench import PROMPT, free_port, prepare_model, scan_events, start, stop  # noqa: E402 (bench/bench.py)
 from textgen.config import Settings  # noqa: E402
 from textgen.engine import Engine, ModelInfo  # noqa: E402
 from textgen.models import gpt2_tokenizer, random_gpt2  # noqa: E402
@@ -103,16 +103,11 @@ def settings_of(env: dict[str, str]) -> Settings:
         return Settings.from_env()
 
 
-async def closed_loop(clients: int, rounds: int, one: Callable[[], Awaitable[None]]) -> float:
-    """Output tokens/s of `clients` loops each awaiting `one()` `rounds` times."""
-
-    async def client() -> None:
-        for _ in range(rounds):
-            await one()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return clients * rounds * NEW_TOKENS / (time.perf_counter() - started)
+async def tokens_per_s(clients: int, rounds: int, one: Callable[[], Awaitable[None]]) -> float:
+    """Output tokens/s of a closed loop of `clients` clients each awaiting `one()` `rounds`
+    times."""
+    _, wall = await closed_loop(clients, lambda _k, _r: one(), rounds=rounds)
+    return clients * rounds * NEW_TOKENS / wall
 
 
 async def in_process(engine: Engine, clients: int, rounds: int, streaming: bool) -> float:
@@ -129,12 +124,11 @@ async def in_process(engine: Engine, clients: int, rounds: int, streaming: bool)
                 texts.append(event.text)
         assert final is not None and final.completion_tokens == NEW_TOKENS, final
 
-    return await closed_loop(clients, rounds, one)
+    return await tokens_per_s(clients, rounds, one)
 
 
 async def over_http(url: str, clients: int, rounds: int, streaming: bool) -> float:
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+    async with pool(clients) as client:
 
         async def one() -> None:
             if streaming:
@@ -152,13 +146,7 @@ async def over_http(url: str, clients: int, rounds: int, streaming: bool) -> flo
                 usage = r.json()["usage"]
             assert usage["completion_tokens"] == NEW_TOKENS, usage
 
-        return await closed_loop(clients, rounds, one)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return await tokens_per_s(clients, rounds, one)
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:

@@ -25,18 +25,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
-import subprocess
+import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+if __package__:  # imported as bench.overload (tests/test_overload.py)
+    from . import loadgen
+else:  # run as a script, beside bench/loadgen.py
+    import loadgen
+
 PROMPT = "In a shocking finding, scientists discovered a herd of unicorns living in a remote"
 REQUEST_TIMEOUT_S = 300.0  # a request with no answer by then counts as a timeout
 SERVER_ENV = {
@@ -109,11 +113,10 @@ class TrackingBackend:
         await self.inner.sleep(seconds)
 
 
-def tracked_client(max_connections: int, keepalive: int | None) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=keepalive)
-    client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits)
-    pool = client._transport._pool  # type: ignore[attr-defined]
-    pool._network_backend = TrackingBackend(pool._network_backend)
+def tracked_client(clients: int, keepalive: int | None) -> httpx.AsyncClient:
+    client = loadgen.pool(clients, timeout=REQUEST_TIMEOUT_S, keepalive=keepalive)
+    connections = client._transport._pool  # type: ignore[attr-defined]
+    connections._network_backend = TrackingBackend(connections._network_backend)
     return client
 
 
@@ -156,27 +159,21 @@ async def one_request(client: httpx.AsyncClient, url: str, new_tokens: int) -> O
 
 async def closed_loop(url: str, clients: int, requests: int, new_tokens: int) -> Phase:
     phase = Phase(f"closed loop, {clients} clients")
-    async with tracked_client(clients + 4, None) as client:
-        left = requests
+    async with tracked_client(clients, None) as client:
 
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                outcome = await one_request(client, url, new_tokens)
-                phase.outcomes.append(outcome)
-                if outcome.status in (429, 503):
-                    await asyncio.sleep(1.0)  # as Retry-After says
+        async def one(_k: int, _r: int) -> None:
+            outcome = await one_request(client, url, new_tokens)
+            phase.outcomes.append(outcome)
+            if outcome.status in (429, 503):
+                await asyncio.sleep(1.0)  # as Retry-After says
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        phase.wall_s = time.perf_counter() - started
+        _, phase.wall_s = await loadgen.closed_loop(clients, one, requests=requests)
     return phase
 
 
 async def burst(url: str, count: int, seconds: float, new_tokens: int) -> Phase:
     phase = Phase(f"burst, {count} requests in {seconds:g} s")
-    async with tracked_client(count + 4, 0) as client:
+    async with tracked_client(count, 0) as client:
         started = time.perf_counter()
 
         async def at(offset: float) -> None:
@@ -221,39 +218,25 @@ def report(phase: Phase) -> str:
     return "\n".join(lines)
 
 
-def serve(model: str, work: Path) -> tuple[str, subprocess.Popen]:
-    home = work / "bentoml_home"
-    env = {**os.environ, "BENTOML_HOME": str(home), **SERVER_ENV}
-    flags = ["--random-init", "--name", "overload"] + (["--tiny"] if model == "tiny" else [])
-    out = subprocess.run(
-        [sys.executable, "download_model.py", *flags],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    tag = out.stdout.strip().splitlines()[-1]
-    from tests.conftest import free_port  # the tests' helper: a free local port
+@contextlib.contextmanager
+def served(model: str, work: Path) -> Iterator[str]:
+    """The model (random weights) imported into a store under `work` and served; its URL."""
+    from bench import free_port, import_model, start, stop  # bench/bench.py (script only)
 
+    home = work / "bentoml_home"
+    flags = ["--random-init", "--name", "overload"] + (["--tiny"] if model == "tiny" else [])
+    tag = import_model(home, *flags)
     port = free_port()
     log = work / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port", str(port)],
-        cwd=ROOT,
-        env={**env, "TEXTGEN_MODEL": tag},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service:TextGeneration", "--port"]
+    env = {"BENTOML_HOME": str(home), **SERVER_ENV, "TEXTGEN_MODEL": tag}
+    proc = start([*cmd, str(port)], env, port, log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while readyz(url) != 200:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
     print(f"serving {tag} at {url}, log {log}", flush=True)
-    return url, proc
+    try:
+        yield url
+    finally:
+        stop(proc)
 
 
 async def run(url: str, args: argparse.Namespace) -> list[Phase]:
@@ -281,17 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--url", help="a running server instead of starting one")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     if args.url:
         phases = asyncio.run(run(args.url, args))
     else:
-        with tempfile.TemporaryDirectory(prefix="overload_") as tmp:
-            url, proc = serve(args.model, Path(tmp))
-            try:
-                phases = asyncio.run(run(url, args))
-            finally:
-                os.killpg(proc.pid, 15)
-                proc.wait(timeout=60)
+        with (
+            tempfile.TemporaryDirectory(prefix="overload_") as tmp,
+            served(args.model, Path(tmp)) as url,
+        ):
+            phases = asyncio.run(run(url, args))
     failed = any(
         o.status is None or (o.status >= 500 and o.status != 503) or o.detail
         for p in phases

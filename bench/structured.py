@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from loadgen import closed_loop, pool  # bench/loadgen.py, beside this file
+
 from bench import prepare_model, scan_events, start, stop  # bench/bench.py, beside this file
 from textgen import sampling
 from textgen.config import Settings
@@ -285,19 +287,14 @@ async def http_request(
 
 async def http_throughput(url: str, clients: int, body: dict[str, Any], rounds: int) -> float:
     """Output tokens/s of `clients` concurrent clients, each sending `rounds` requests."""
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+    async with pool(clients) as client:
 
-        async def worker(k: int) -> int:
-            tokens = 0
-            for r in range(rounds):
-                seeded = {**body, "seed": k * rounds + r} if body.get("do_sample") else body
-                tokens += (await http_request(client, url, seeded))[1]
-            return tokens
+        async def one(k: int, r: int) -> int:
+            seeded = {**body, "seed": k * rounds + r} if body.get("do_sample") else body
+            return (await http_request(client, url, seeded))[1]
 
-        started = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(worker(k) for k in range(clients))))
-        return tokens / (time.perf_counter() - started)
+        tokens, wall = await closed_loop(clients, one, rounds=rounds)
+        return sum(tokens) / wall
 
 
 async def http_first_tokens(url: str, bodies: list[dict[str, Any]]) -> list[float]:

@@ -21,6 +21,7 @@ from textgen.config import Settings
 from textgen.engine import Engine, ModelInfo
 from textgen.models import gpt2_tokenizer, random_gpt2
 from textgen.params import SamplingParams
+from textgen.scheduler import FinishEvent, Sequence, TokenEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +77,55 @@ async def collect(engine: Engine, prompt: str, params: SamplingParams) -> tuple[
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+async def generate(
+    engine: Engine,
+    prompt: str | list[int],
+    params: SamplingParams,
+    cancel_after: int | None = None,
+) -> tuple[list[int], FinishEvent | None, Sequence]:
+    """(token ids, finish event, the sequence) of one request (a text prompt is tokenized
+    first); closes its stream after `cancel_after` tokens (no finish event then)."""
+    ids = engine.tokenize(prompt) if isinstance(prompt, str) else prompt
+    seq = engine.new_sequence(ids, params)
+    events = engine.stream([seq])
+    tokens, final = [], None
+    try:
+        async for _, event in events:
+            if isinstance(event, TokenEvent):
+                tokens.append(event.token_id)
+                if cancel_after is not None and len(tokens) == cancel_after:
+                    break
+            elif isinstance(event, FinishEvent):
+                final = event
+    finally:
+        await events.aclose()
+    return tokens, final, seq
+
+
+async def token_ids(
+    engine: Engine,
+    prompt: str | list[int],
+    params: SamplingParams,
+    cancel_after: int | None = None,
+) -> list[int]:
+    """Token ids of one request (`generate`'s)."""
+    return (await generate(engine, prompt, params, cancel_after))[0]
+
+
+def staggered(engine: Engine, requests: list[tuple[Any, ...]]) -> list[list[int]]:
+    """Runs `requests`, (delay s, prompt, new tokens, cancelled after) each, on `engine`
+    at once, each starting after its delay; returns their token ids, in order."""
+
+    async def one(delay: float, prompt: Any, n: int, cancel_after: int | None) -> list[int]:
+        await asyncio.sleep(delay)
+        return await token_ids(engine, prompt, SamplingParams(max_new_tokens=n), cancel_after)
+
+    async def all_of_them() -> list[list[int]]:
+        return await asyncio.gather(*(one(*r) for r in requests))
+
+    return run(all_of_them())
 
 
 def free_port() -> int:
@@ -236,12 +286,20 @@ def stop_server(server: Server) -> int:
     return server.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def server(model_store, tmp_path_factory) -> Iterator[Server]:
+def served(
+    model_store: tuple[Path, str], tmp_path_factory: Any, name: str, **env: str
+) -> Iterator[Server]:
+    """A fixture's server (`yield from` it): `start_server` over `model_store` with `env`,
+    logging to `name`.log in a folder of its own, stopped at the fixture's teardown."""
     home, tag = model_store
-    srv = start_server(home, tag, tmp_path_factory.mktemp("logs") / "serve.log")
+    srv = start_server(home, tag, tmp_path_factory.mktemp("logs") / f"{name}.log", **env)
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def server(model_store, tmp_path_factory) -> Iterator[Server]:
+    yield from served(model_store, tmp_path_factory, "serve")
 
 
 KEY = "s3cret-key"
@@ -250,19 +308,15 @@ KEY = "s3cret-key"
 @pytest.fixture(scope="session")
 def guarded(model_store, tmp_path_factory):
     """A server with an API key and small limits: 2 KV slots, 6 requests at once."""
-    home, tag = model_store
-    log = tmp_path_factory.mktemp("logs") / "guarded.log"
-    srv = start_server(
-        home,
-        tag,
-        log,
+    yield from served(
+        model_store,
+        tmp_path_factory,
+        "guarded",
         TEXTGEN_API_KEY=KEY,
         TEXTGEN_MAX_BATCH_SIZE="2",
         TEXTGEN_MAX_CONCURRENCY="6",
         TEXTGEN_MAX_WAITING="2",
     )
-    yield srv
-    stop_server(srv)
 
 
 # The image `bentoml containerize` makes, built once per session for every test that

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import collect, hf_greedy, make_engine, run
+from tests.conftest import collect, hf_greedy, make_engine, run, staggered, token_ids
 from textgen.api import encode_prompt
 from textgen.engine import (
     MAX_CONSECUTIVE_FAILURES,
@@ -27,26 +27,9 @@ from textgen.engine import (
 from textgen.models import random_gpt2
 from textgen.params import ParamError, SamplingParams
 from textgen.runner import CacheDoesNotFit, cgroup_room
-from textgen.scheduler import TokenEvent
 
 LONG = "In a shocking finding, scientists discovered a herd of unicorns living in a remote valley"
 OTHER = "The quick brown fox"
-
-
-async def _tokens(engine, prompt, params, cancel_after=None):
-    """Token ids of one request; closes its stream after `cancel_after` tokens."""
-    seq = engine.new_sequence(engine.tokenizer(prompt).input_ids, params)
-    events = engine.stream([seq])
-    ids = []
-    try:
-        async for _, event in events:
-            if isinstance(event, TokenEvent):
-                ids.append(event.token_id)
-                if cancel_after is not None and len(ids) == cancel_after:
-                    break
-    finally:
-        await events.aclose()
-    return ids
 
 
 def test_a_long_sequence_keeps_its_tokens_when_a_neighbour_is_cancelled_past_a_block(
@@ -57,8 +40,8 @@ def test_a_long_sequence_keeps_its_tokens_when_a_neighbour_is_cancelled_past_a_b
 
         async def both():
             return await asyncio.gather(
-                _tokens(eng, OTHER, SamplingParams(max_new_tokens=400), cancel_after=200),
-                _tokens(eng, LONG, SamplingParams(max_new_tokens=300)),
+                token_ids(eng, OTHER, SamplingParams(max_new_tokens=400), cancel_after=200),
+                token_ids(eng, LONG, SamplingParams(max_new_tokens=300)),
             )
 
         cancelled, survivor = run(both())
@@ -94,16 +77,8 @@ def test_golden_long_outputs_with_arrivals_cancellations_and_more_requests_than_
         (0.05, "Zürich, München, 東京 and", 30, None),
     ]
 
-    async def one(delay, prompt, n, cancel_after):
-        await asyncio.sleep(delay)
-        return await _tokens(eng, prompt, SamplingParams(max_new_tokens=n), cancel_after)
-
     try:
-
-        async def all_of_them():
-            return await asyncio.gather(*(one(*r) for r in requests))
-
-        together = run(all_of_them())
+        together = staggered(eng, requests)
         for (_, prompt, n, cancel_after), got in zip(requests, together, strict=True):
             solo = hf_greedy(tiny_model, tokenizer(prompt).input_ids, n)
             assert got == solo[: cancel_after or n], prompt
@@ -120,7 +95,7 @@ def test_the_kv_cache_is_allocated_once_for_every_slot_and_the_full_context(tiny
         head_dim = config.n_embd // config.n_head
         assert tuple(cache.shape) == (config.n_layer, 2, 3, config.n_head, 1024, head_dim)
         pointer = cache.data_ptr()
-        run(_tokens(eng, LONG, SamplingParams(max_new_tokens=300)))
+        run(token_ids(eng, LONG, SamplingParams(max_new_tokens=300)))
         assert eng.runner.kv_cache.data_ptr() == pointer
     finally:
         eng.shutdown()
@@ -146,7 +121,7 @@ def test_max_model_len_bounds_the_context_and_the_cache(tiny_model, tokenizer):
             encode_prompt(eng, "Hello", 200)
         with pytest.raises(ContextOverflow):  # the engine refuses it too, in tokens
             eng.new_sequence([15496], SamplingParams(max_new_tokens=200))
-        tokens = run(_tokens(eng, "Hello", SamplingParams(max_new_tokens=199)))
+        tokens = run(token_ids(eng, "Hello", SamplingParams(max_new_tokens=199)))
         assert tokens == hf_greedy(tiny_model, tokenizer("Hello").input_ids, 199)
     finally:
         eng.shutdown()

@@ -9,8 +9,8 @@ import asyncio
 import pytest
 import torch
 
-from tests.conftest import hf_greedy, make_engine, run
-from tests.test_engine_core import LONG, OTHER, _assert_idle, _final, _tokens
+from tests.conftest import hf_greedy, make_engine, run, token_ids
+from tests.test_engine_core import LONG, OTHER, _assert_idle, _final
 from textgen.engine import NON_FINITE_LOGITS
 from textgen.params import ParamError, SamplingParams
 from textgen.scheduler import Status
@@ -55,7 +55,7 @@ def test_prompt_scores_are_the_models_while_neighbours_decode_and_slots_are_reus
     prompts = [tokenizer(SCORED).input_ids, tokenizer(OTHER).input_ids, long_ids * 3]
 
     async def all_of_them():
-        runner = asyncio.ensure_future(_tokens(eng, LONG, SamplingParams(max_new_tokens=200)))
+        runner = asyncio.ensure_future(token_ids(eng, LONG, SamplingParams(max_new_tokens=200)))
         await asyncio.sleep(0.05)
         scored = []
         for i, ids in enumerate(prompts):

@@ -9,16 +9,12 @@ that padding must leave untouched.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
-from tests.conftest import hf_greedy, make_engine, run
+from tests.conftest import hf_greedy, make_engine, staggered
 from textgen.config import ConfigError, Settings
-from textgen.params import SamplingParams
 from textgen.runner import GPT2Runner, batch_buckets, bucket, length_buckets
-from textgen.scheduler import TokenEvent
 
 CPU = torch.device("cpu")
 # Nine prompts of 3 to 19 tokens and the new tokens each generates: live batches of
@@ -101,21 +97,6 @@ def test_greedy_through_fixed_shapes_equals_generate_with_holes_padding_and_a_la
     assert bool((free == 0.5).all())
 
 
-async def _tokens(engine, prompt, params, cancel_after=None):
-    seq = engine.new_sequence(prompt, params)
-    events = engine.stream([seq])
-    ids = []
-    try:
-        async for _, event in events:
-            if isinstance(event, TokenEvent):
-                ids.append(event.token_id)
-                if cancel_after is not None and len(ids) == cancel_after:
-                    break
-    finally:
-        await events.aclose()
-    return ids
-
-
 class _StandInGraph:
     """A CUDA graph's contract on the CPU: `replay` reruns the captured step over the
     tensors it closed over, reading what the static buffers hold at replay."""
@@ -174,14 +155,7 @@ def assert_engine_equals_generate(eng, model) -> None:
     """Runs REQUESTS on `eng` at once; each must equal `model.generate`'s tokens (up to
     its cancellation)."""
 
-    async def one(delay, prompt, n, cancel_after):
-        await asyncio.sleep(delay)
-        return await _tokens(eng, prompt, SamplingParams(max_new_tokens=n), cancel_after)
-
-    async def all_of_them():
-        return await asyncio.gather(*(one(*r) for r in REQUESTS))
-
-    together = run(all_of_them())
+    together = staggered(eng, REQUESTS)
     for (_, prompt, n, cancel_after), got in zip(REQUESTS, together, strict=True):
         assert got == hf_greedy(model, prompt, n)[: cancel_after or n], prompt
 

@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, served
 
 SHORT_KEEP_ALIVE_S = 2
 
@@ -29,20 +29,16 @@ SHORT_KEEP_ALIVE_S = 2
 @pytest.fixture(scope="module")
 def tight(model_store, tmp_path_factory) -> Iterator[Server]:
     """A server with a short keep-alive and small limits, so overload comes quickly."""
-    home, tag = model_store
-    log = tmp_path_factory.mktemp("logs") / "tight.log"
-    srv = start_server(
-        home,
-        tag,
-        log,
+    yield from served(
+        model_store,
+        tmp_path_factory,
+        "tight",
         TEXTGEN_KEEP_ALIVE_SECONDS=str(SHORT_KEEP_ALIVE_S),
         TEXTGEN_MAX_BATCH_SIZE="4",
         TEXTGEN_MAX_WAITING="8",
         TEXTGEN_MAX_CONCURRENCY="24",
         TEXTGEN_MAX_MODEL_LEN="64",
     )
-    yield srv
-    stop_server(srv)
 
 
 def worker_process(server: Server) -> psutil.Process:

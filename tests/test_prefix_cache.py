@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from tests.conftest import hf_greedy, make_engine, run
+from tests.conftest import generate, hf_greedy, make_engine, run
 from tests.test_engine_core import LONG, _assert_idle, _patch_decode
 from textgen.engine import NON_FINITE_LOGITS
 from textgen.params import SamplingParams
@@ -27,22 +27,9 @@ from textgen.scheduler import FinishEvent, TokenEvent, length_groups
 GREEDY = SamplingParams(max_new_tokens=12)
 
 
-async def _generate(eng, ids, params=GREEDY, cancel_after=None):
-    """(token ids, finish event, the sequence) of one request."""
-    seq = eng.new_sequence(ids, params)
-    events = eng.stream([seq])
-    tokens, final = [], None
-    try:
-        async for _, event in events:
-            if isinstance(event, TokenEvent):
-                tokens.append(event.token_id)
-                if cancel_after is not None and len(tokens) == cancel_after:
-                    break
-            elif isinstance(event, FinishEvent):
-                final = event
-    finally:
-        await events.aclose()
-    return tokens, final, seq
+def _generate(eng, ids, params=GREEDY, cancel_after=None):
+    """(token ids, finish event, the sequence) of one request, greedy unless told."""
+    return generate(eng, ids, params, cancel_after)
 
 
 @pytest.fixture(scope="module")

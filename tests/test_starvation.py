@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import KEY, start_server, stop_server
+from tests.conftest import KEY, served
 
 JSON = {"content-type": "application/json"}
 SLOTS = 4  # the `small` server's batch: 3 slots for one request, 1 for the others
@@ -29,20 +29,16 @@ ENTRIES = 100  # the `small` server's logprob entries per request
 def small(model_store, tmp_path_factory) -> Iterator:
     """A server with a small batch and small per-request bounds, trusting request
     templates (rendered with the default deadline and memory cap)."""
-    home, tag = model_store
-    log = tmp_path_factory.mktemp("logs") / "small.log"
-    srv = start_server(
-        home,
-        tag,
-        log,
+    yield from served(
+        model_store,
+        tmp_path_factory,
+        "small",
         TEXTGEN_MAX_BATCH_SIZE=str(SLOTS),
         TEXTGEN_MAX_WAITING="16",
         TEXTGEN_MAX_SEQUENCES_PER_REQUEST=str(SEQUENCES),
         TEXTGEN_MAX_LOGPROB_ENTRIES=str(ENTRIES),
         TEXTGEN_TRUST_REQUEST_CHAT_TEMPLATE="true",
     )
-    yield srv
-    stop_server(srv)
 
 
 def running(url: str) -> float:
