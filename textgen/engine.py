@@ -364,6 +364,7 @@ class Engine:
                 native_kernels=self.settings.native_kernels,
                 fixed_shapes=self.settings.fixed_shapes,
                 cuda_graphs=self.settings.cuda_graphs,
+                reuse_logits=True,  # `_append` reads a step's logits within the step
             )
             self.sampler = Sampler(
                 self.settings.max_batch_size,
