@@ -16,82 +16,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from textgen import coalesce
-from textgen.engine import (
-    ContextOverflow,
-    Engine,
-    EngineOverloaded,
-    EngineUnavailable,
-    EventStream,
-)
+from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
 from textgen.errors import error_response
-from textgen.params import ParamError, check_unicode
+from textgen.params import ParamError
 from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
 from textgen.schemas import GenerateRequest, GenerateResponse, Usage
+from textgen.validation import checked_sequence, encode_prompt
 
 T = TypeVar("T")
-
-
-def encode_prompt(
-    engine: Engine,
-    prompt: str,
-    max_new_tokens: int,
-    field: str = "prompt",
-    budget_field: str = "max_new_tokens",
-) -> list[int]:
-    """Tokenizes a prompt, checking the wire limits and that it fits the context.
-
-    `field` and `budget_field` are the wire names of the prompt and of the
-    new-token budget, so the message speaks the client's vocabulary.
-    """
-    ids = prompt_ids(engine, prompt, field)
-    check_budget(engine, len(ids), max_new_tokens, field, budget_field)
-    return ids
-
-
-def prompt_ids(engine: Engine, prompt: str | list[int], field: str = "prompt") -> list[int]:
-    """A prompt's token ids, from its text or as given (checked against the vocabulary)."""
-    if isinstance(prompt, list):
-        for i, token_id in enumerate(prompt):
-            if not 0 <= token_id < engine.vocab_size:
-                raise ParamError(
-                    field,
-                    f"{field}[{i}]: token id {token_id} is not in the vocabulary "
-                    f"(0..{engine.vocab_size - 1})",
-                )
-        ids = prompt
-    else:
-        check_unicode(prompt, field)
-        limit = engine.settings.max_prompt_chars
-        if len(prompt) > limit:
-            raise ParamError(field, f"{field} has {len(prompt)} characters; the limit is {limit}")
-        ids = engine.tokenize(prompt)
-    if not ids:
-        raise ParamError(field, f"{field} must not be empty")
-    return ids
-
-
-def check_budget(
-    engine: Engine, prompt_tokens: int, max_new_tokens: int, field: str, budget_field: str
-) -> None:
-    """Raises ParamError unless `max_new_tokens` is within the limit and fits the context."""
-    budget_limit = engine.settings.max_new_tokens_limit
-    if max_new_tokens > budget_limit:
-        raise ParamError(
-            budget_field, f"{budget_field} must be <= {budget_limit}, got {max_new_tokens}"
-        )
-    try:
-        engine.check_fits(prompt_tokens, max_new_tokens)
-    except ContextOverflow as exc:
-        raise ParamError(
-            field,
-            f"{field} has {prompt_tokens} tokens and {budget_field} is {max_new_tokens}: "
-            f"{prompt_tokens + max_new_tokens} exceeds the model's context of {exc.limit} tokens",
-        ) from None
-
-
-def rest_of_context(engine: Engine, prompt_tokens: int) -> int:
-    """The new-token budget of a request that sets none (OpenAI's `max_tokens: null`)."""
-    return max(0, min(engine.settings.max_new_tokens_limit, engine.max_model_len - prompt_tokens))
 
 
 async def new_sequence(engine: Engine, request: GenerateRequest) -> Sequence:
@@ -100,7 +32,7 @@ async def new_sequence(engine: Engine, request: GenerateRequest) -> Sequence:
     params = request.to_sampling_params()
     prompt_ids = encode_prompt(engine, request.prompt, params.max_new_tokens)
     grammar = await engine.grammar(params.constraint)
-    return engine.new_sequence(prompt_ids, params, grammar)
+    return checked_sequence(engine, prompt_ids, params, grammar)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from textgen import chat_sandbox, coalesce
-from textgen.api import prompt_ids, sse, until_disconnected
+from textgen.api import sse, until_disconnected
 from textgen.chat import ChatTemplateError
 from textgen.engine import EventStream
 from textgen.errors import OpenAIError
@@ -25,11 +25,16 @@ from textgen.openai_api.serving import (
     parse_logit_bias,
     sampling_params,
     serve_generation,
-    token_budget,
 )
 from textgen.openai_schemas import ChatCompletionRequest
 from textgen.scheduler import TokenEvent
 from textgen.structured import Grammar
+from textgen.validation import (
+    check_logprobs,
+    checked_sequence,
+    new_token_budget,
+    prompt_ids,
+)
 
 
 class ChatCompletion(Generation):
@@ -51,7 +56,7 @@ class ChatCompletion(Generation):
         engine = self.engine
         ids = prompt_ids(engine, prompt, "messages")
         budget_field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        budget = token_budget(engine, ids, req.max_new_tokens, "messages", budget_field)
+        budget = new_token_budget(engine, ids, req.max_new_tokens, "messages", budget_field)
         self.prompt_tokens = len(ids)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs is None:  # logprobs: true alone, the chosen token's
@@ -70,7 +75,7 @@ class ChatCompletion(Generation):
                 logit_bias=logit_bias,
                 constraint=grammar and grammar.constraint,
             )
-            self.seqs.append(engine.new_sequence(ids, params, grammar))
+            self.seqs.append(checked_sequence(engine, ids, params, grammar))
             self.choices.append(Choice(j))
         self.prompt_seqs.append(self.seqs[0])
 
@@ -164,16 +169,9 @@ async def build_chat_completion(
 ) -> Generation:
     check_n(frontend.engine, req.n)
     check_sequences(frontend.engine, req.n, "n", f"n {req.n}")
-    if req.top_logprobs is not None:
-        if not req.logprobs:
-            raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        limit = frontend.engine.settings.max_logprobs
-        if req.top_logprobs > limit:
-            raise OpenAIError(
-                400,
-                f"top_logprobs must be <= {limit} (TEXTGEN_MAX_LOGPROBS), got {req.top_logprobs}",
-                "top_logprobs",
-            )
+    if req.top_logprobs is not None and not req.logprobs:
+        raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    check_logprobs(frontend.engine, req.top_logprobs, "top_logprobs")
     prompt = await render_chat(frontend, req.messages, req, request)
     grammar = await frontend.engine.grammar(req.constraint())
     return ChatCompletion(req, frontend, prompt, grammar)

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from textgen import coalesce
-from textgen.api import prompt_ids, sse
+from textgen.api import sse
 from textgen.engine import EventStream
 from textgen.errors import OpenAIError
 from textgen.openai_api.serving import (
@@ -23,11 +23,11 @@ from textgen.openai_api.serving import (
     parse_logit_bias,
     sampling_params,
     serve_generation,
-    token_budget,
 )
 from textgen.openai_schemas import CompletionRequest
 from textgen.scheduler import Event, TokenEvent
 from textgen.structured import Grammar
+from textgen.validation import checked_sequence, new_token_budget, prompt_ids
 
 
 class Completion(Generation):
@@ -88,7 +88,7 @@ class Completion(Generation):
         for p, prompt in enumerate(prompts):
             name = "prompt" if len(prompts) == 1 else f"prompt[{p}]"
             ids = prompt_ids(engine, prompt, name)
-            budget = token_budget(engine, ids, req.max_tokens, name, "max_tokens")
+            budget = new_token_budget(engine, ids, req.max_tokens, name, "max_tokens")
             entries.add((len(ids) if self.scoring else 0) + budget, self.best_of)
             self.prompts.append(ids)
             self.prompt_tokens += len(ids)
@@ -105,7 +105,7 @@ class Completion(Generation):
                     logit_bias=logit_bias,
                     constraint=grammar and grammar.constraint,
                 )
-                self.seqs.append(engine.new_sequence(ids, params, grammar))
+                self.seqs.append(checked_sequence(engine, ids, params, grammar))
                 self.choices.append(Choice(len(self.choices), prefix))
             self.prompt_seqs.append(self.seqs[-self.best_of])
         entries.check()

@@ -10,11 +10,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import textgen
-from textgen.api import prompt_ids
 from textgen.errors import OpenAIError
 from textgen.openai_api.chat import render_chat
 from textgen.openai_api.serving import Frontend, answer, check_model, parse
 from textgen.openai_schemas import DetokenizeRequest, TokenizeRequest
+from textgen.validation import prompt_ids
 
 
 def _card(frontend: Frontend) -> dict[str, Any]:

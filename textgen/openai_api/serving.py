@@ -25,13 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from textgen import jsonbody
-from textgen.api import (
-    EventStreamResponse,
-    check_budget,
-    rest_of_context,
-    sse,
-    until_disconnected,
-)
+from textgen.api import EventStreamResponse, sse, until_disconnected
 from textgen.chat import ChatTemplate
 from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
 from textgen.errors import OpenAIError
@@ -140,23 +134,6 @@ def sampling_params(req: Any, max_new_tokens: int, choice: int, **extra: Any) ->
         ignore_eos=req.ignore_eos,
         **{"logit_bias": parse_logit_bias(req.logit_bias), **extra},
     )
-
-
-def token_budget(
-    engine: Engine, ids: list[int], requested: int | None, field_: str, budget_field: str
-) -> int:
-    """New tokens for a prompt: as requested, or the rest of the context for None."""
-    if requested is None:
-        room = rest_of_context(engine, len(ids))
-        if room == 0:
-            raise ParamError(
-                field_,
-                f"{field_} has {len(ids)} tokens: no room left to generate in the model's "
-                f"context of {engine.max_model_len} tokens",
-            )
-        return room
-    check_budget(engine, len(ids), requested, field_, budget_field)
-    return requested
 
 
 def check_n(engine: Engine, n: int) -> None:
