@@ -16,10 +16,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from textgen import coalesce
-from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
-from textgen.errors import error_response
-from textgen.params import ParamError
-from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
+from textgen.engine import Engine, EventStream
+from textgen.errors import (
+    REQUEST_ERRORS,
+    client_error,
+    error_response,
+    finish_error,
+    stream_error,
+)
+from textgen.scheduler import FinishEvent, Sequence, TokenEvent
 from textgen.schemas import GenerateRequest, GenerateResponse, Usage
 from textgen.validation import checked_sequence, encode_prompt
 
@@ -77,22 +82,18 @@ async def generate(
     try:
         seq = await new_sequence(engine, request)
         events = engine.stream([seq], route)
-    except ParamError as exc:
-        return error(400, str(exc), exc.param)
-    except EngineOverloaded as exc:
-        return error(429, f"server is at capacity: {exc}; retry later")
-    except EngineUnavailable as exc:
-        return error(503, f"the engine is unavailable: {exc}")
+    except REQUEST_ERRORS as exc:
+        failure = client_error(exc)
+        return error(failure.status, str(failure), failure.param)
     try:
         final = await until_disconnected(ctx.request, _final_event(events))
     finally:
         await events.aclose()  # cancels the sequence unless it finished
     if final is None:
         return error(499, "client closed the request")
-    if final.status is Status.FAILED:
-        if final.param is not None:  # what the request sent failed it, not the server
-            return error(400, final.error or "generation failed", final.param)
-        return error(500, final.error or "generation failed")
+    failure = finish_error(final)
+    if failure is not None:
+        return error(failure.status, str(failure), failure.param)
     generated = request.prompt + final.text if request.return_full_text else final.text
     return GenerateResponse(
         input=request.prompt,
@@ -140,12 +141,9 @@ async def generate_stream(engine: Engine, request: GenerateRequest) -> Any:
     try:
         seq = await new_sequence(engine, request)
         events = engine.stream([seq], "/generate_stream")
-    except ParamError as exc:
-        return error_response(400, str(exc), exc.param)
-    except EngineOverloaded as exc:
-        return error_response(429, f"server is at capacity: {exc}; retry later")
-    except EngineUnavailable as exc:
-        return error_response(503, f"the engine is unavailable: {exc}")
+    except REQUEST_ERRORS as exc:
+        failure = client_error(exc)
+        return error_response(failure.status, str(failure), failure.param)
     return EventStreamResponse(_sse_events(events, request, seq), events)
 
 
@@ -162,13 +160,13 @@ async def _sse_events(
             if isinstance(event, TokenEvent):
                 tokens = [{"id": e.token_id, "text": e.text} for e in group]  # type: ignore[union-attr]
                 yield sse({"token": tokens[0]} if len(tokens) == 1 else {"tokens": tokens})
-            elif event.status is Status.FAILED:
-                error = {"error": event.error or "generation failed"}
-                yield sse({**error, "param": event.param} if event.param else error)
+            elif (failure := finish_error(event)) is not None:
+                error = {"error": str(failure)}
+                yield sse({**error, "param": failure.param} if failure.param else error)
             else:
                 yield sse(_final_payload(event, request, seq))
     except Exception as exc:  # an error after the stream started ends it cleanly
-        yield sse({"error": f"generation failed: {exc}"})
+        yield sse({"error": str(stream_error(exc))})
     finally:
         await events.aclose()
 

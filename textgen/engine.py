@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from textgen import metrics
 from textgen.config import GRAMMAR_THREADS_BESIDE_ACCELERATOR, Settings
 from textgen.devices import resolve_device, resolve_dtype, resolve_int8
+from textgen.errors import EngineOverloaded, EngineUnavailable
 from textgen.output import Delta, SequenceOutput, detokenizer_factory, process_step
 from textgen.params import Constraint, SamplingParams
 from textgen.runner import GPT2Runner
@@ -73,14 +74,6 @@ NON_FINITE_LOGITS = (
     "generation failed: no token could be chosen (the model's logits for this sequence are "
     "not finite, or only a suppressed EOS is)"
 )
-
-
-class EngineOverloaded(Exception):
-    """The admission queue is full; the client should retry later."""
-
-
-class EngineUnavailable(Exception):
-    """The engine is dead or wedged (the message says which); the service is unavailable."""
 
 
 class ContextOverflow(ValueError):

@@ -27,9 +27,9 @@ from starlette.responses import JSONResponse, Response
 from textgen import jsonbody
 from textgen.api import EventStreamResponse, sse, until_disconnected
 from textgen.chat import ChatTemplate
-from textgen.engine import Engine, EngineOverloaded, EngineUnavailable, EventStream
-from textgen.errors import OpenAIError
-from textgen.params import ParamError, SamplingParams
+from textgen.engine import Engine, EventStream
+from textgen.errors import REQUEST_ERRORS, OpenAIError, client_error, finish_error, stream_error
+from textgen.params import SamplingParams
 from textgen.scheduler import Event, FinishEvent, PromptLogprob, Sequence, Status, TokenEvent
 from textgen.text import TokenTable
 
@@ -286,9 +286,10 @@ class Choice:
 
 def finish_reason_of(event: FinishEvent) -> str:
     """OpenAI's finish reason of a sequence's end; OpenAIError for an end that is an error."""
-    if event.status is Status.FAILED and event.param is not None:  # the request's own doing
-        raise OpenAIError(400, event.error or "generation failed", event.param)
-    if event.status not in FINISH_REASONS:
+    failure = finish_error(event)
+    if failure is not None:
+        raise failure
+    if event.status not in FINISH_REASONS:  # cancelled: OpenAI has no reason that names it
         raise OpenAIError(
             500, event.error or f"generation ended: {event.status.value}", type_="server_error"
         )
@@ -368,21 +369,8 @@ async def answer(handle: Callable[[], Awaitable[Response]]) -> Response:
     """Runs a route, turning every error a request can cause into OpenAI's shape."""
     try:
         return await handle()
-    except OpenAIError as exc:
-        return exc.response()
-    except ParamError as exc:
-        return OpenAIError(400, str(exc), exc.param).response()
-    except EngineOverloaded as exc:
-        return OpenAIError(
-            429,
-            f"server is at capacity: {exc}; retry later",
-            type_="rate_limit_error",
-            code="rate_limit_exceeded",
-        ).response()
-    except EngineUnavailable as exc:
-        return OpenAIError(
-            503, f"the engine is unavailable: {exc}", type_="service_unavailable_error"
-        ).response()
+    except REQUEST_ERRORS as exc:
+        return client_error(exc).response()
 
 
 async def serve_generation(
@@ -445,7 +433,7 @@ async def sse_stream(work: Generation, events: EventStream) -> AsyncGenerator[st
     except OpenAIError as exc:
         yield sse(exc.body())
     except Exception as exc:  # after the stream started: a final error event, then [DONE]
-        yield sse(OpenAIError(500, f"generation failed: {exc}", type_="server_error").body())
+        yield sse(stream_error(exc).body())
     finally:
         await events.aclose()
     yield "data: [DONE]\n\n"
