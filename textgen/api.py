@@ -1,7 +1,8 @@
 """Native routes' logic: wire request -> engine -> wire response or SSE events.
 
 service.py declares the routes; this module holds what they do, so the
-service file stays a table of routes.
+service file stays a table of routes. The OpenAI routes share its HTTP
+plumbing: `until_disconnected`, `EventStreamResponse` and `sse`.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ async def _disconnected(request: Request) -> None:
 
 async def generate(
     engine: Engine, request: GenerateRequest, ctx: Context, route: str = "/generate"
-) -> Any:
+) -> GenerateResponse | JSONResponse:
     """POST /generate: the whole text at once.
 
     BentoML gives a route that takes a context the context's status code, so
@@ -136,7 +137,9 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def generate_stream(engine: Engine, request: GenerateRequest) -> Any:
+async def generate_stream(
+    engine: Engine, request: GenerateRequest
+) -> EventStreamResponse | JSONResponse:
     """POST /generate_stream: one SSE event per token, then a final event."""
     try:
         seq = await new_sequence(engine, request)

@@ -144,10 +144,9 @@ class Engine:
         self._stopping = threading.Event()
         self._dead: str | None = None  # why the engine stopped, once it has
         self._heartbeat = time.monotonic()  # the engine loop's latest turn
-        # NOTE: the engine thread builds the runner itself. Measured here (2-core
-        # CPU, bench/engine_bench.py, 32 streams): a runner built on the main thread
-        # and driven from this one decodes at 570 tok/s in bf16 and 860 in int8;
-        # built on it, 760 and 1345. Elementwise ops are what slow down; the cause
+        # NOTE: the runner is built on the engine thread, the one thread that drives it:
+        # on the CPU a runner built on another thread decodes markedly slower
+        # (bench/engine_bench.py shows it), in its elementwise ops; the cause
         # (thread-owned allocations or the OpenMP team) is not pinned down.
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -299,7 +298,7 @@ class Engine:
         letters = replace(
             short, min_new_tokens=0, constraint=Constraint.text("regex", "[a-z]{200}", "warm-up")
         )
-        self.grammars.tokenizer  # noqa: B018 (builds llguidance's vocabulary, once: ~1 s)
+        self.grammars.tokenizer  # noqa: B018 (builds llguidance's vocabulary, once, before ready)
         grammar = self.grammars.submit(letters.constraint).result()  # no request's limit
         first = [
             self.new_sequence(prompt, short),

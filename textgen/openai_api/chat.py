@@ -26,7 +26,7 @@ from textgen.openai_api.serving import (
     sampling_params,
     serve_generation,
 )
-from textgen.openai_schemas import ChatCompletionRequest
+from textgen.openai_schemas import ChatCompletionRequest, ChatMessage, TokenizeRequest
 from textgen.scheduler import TokenEvent
 from textgen.structured import Grammar
 from textgen.validation import (
@@ -121,7 +121,12 @@ class ChatCompletion(Generation):
             yield sse(self.chunk([], usage=self.usage()))
 
 
-async def render_chat(frontend: Frontend, messages: list[Any], req: Any, request: Request) -> str:
+async def render_chat(
+    frontend: Frontend,
+    messages: list[ChatMessage],
+    req: ChatCompletionRequest | TokenizeRequest,
+    request: Request,
+) -> str:
     """The prompt text of chat messages, through the server's template or, when the server
     trusts request templates, the request's. A request's template is the client's program:
     it renders in a child process with a deadline and a memory cap (`chat_sandbox`)."""

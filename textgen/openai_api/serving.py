@@ -29,6 +29,7 @@ from textgen.api import EventStreamResponse, sse, until_disconnected
 from textgen.chat import ChatTemplate
 from textgen.engine import Engine, EventStream
 from textgen.errors import REQUEST_ERRORS, OpenAIError, client_error, finish_error, stream_error
+from textgen.openai_schemas import ChatCompletionRequest, CompletionRequest
 from textgen.params import SamplingParams
 from textgen.scheduler import Event, FinishEvent, PromptLogprob, Sequence, Status, TokenEvent
 from textgen.text import TokenTable
@@ -111,7 +112,9 @@ def parse_logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], 
     return tuple(out.items())
 
 
-def sampling_params(req: Any, max_new_tokens: int, choice: int, **extra: Any) -> SamplingParams:
+def sampling_params(
+    req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int, choice: int, **extra: Any
+) -> SamplingParams:
     """The params of a request's `choice`-th sequence (seeds differ per choice).
     `extra` may hold `logit_bias` already parsed (`parse_logit_bias`), else it is parsed here."""
     sampling = req.temperature > 0
@@ -302,7 +305,7 @@ class Generation:
     object_name = ""
     id_prefix = ""
 
-    def __init__(self, req: Any, frontend: Frontend) -> None:
+    def __init__(self, req: CompletionRequest | ChatCompletionRequest, frontend: Frontend) -> None:
         self.req, self.frontend, self.engine = req, frontend, frontend.engine
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
