@@ -6,16 +6,17 @@ from typing import Any
 
 import bentoml
 
-from textgen import api, openai_api
+from textgen import api
 from textgen.bento import TextgenService
 from textgen.config import Settings
 from textgen.engine import Engine
+from textgen.openai_api.app import attach, build_app, build_server_app
 from textgen.schemas import GenerateRequest, GenerateResponse, SeedRequest, SeedResponse
 from textgen.store import model_info
 
 SETTINGS = Settings.from_env()
-openai_app = openai_api.build_app()
-server_app = openai_api.build_server_app()  # /health, /version, /tokenize, ...
+openai_app = build_app()
+server_app = build_server_app()  # /health, /version, /tokenize, ...
 
 
 @bentoml.asgi_app(server_app, path="/")  # matches its own routes only
@@ -35,7 +36,7 @@ class TextGeneration:
     def __init__(self) -> None:
         info = model_info(self.model)
         self.engine = Engine.from_directory(self.model.path, info, SETTINGS)
-        openai_api.attach(self.engine, openai_app, server_app)
+        attach(self.engine, openai_app, server_app)
         self.engine.warm_up()
 
     @bentoml.on_shutdown

@@ -14,7 +14,8 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 from tests.conftest import hf_greedy, make_engine
-from textgen import chat_sandbox, openai_api
+from textgen import chat_sandbox
+from textgen.openai_api.app import attach, build_app, build_server_app
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -78,8 +79,8 @@ def test_request_templates_are_refused_unless_the_server_trusts_them(client):
 def trusting(tiny_model, tokenizer):
     """The OpenAI app in-process, on an engine that trusts request templates."""
     eng = make_engine(tiny_model, tokenizer, trust_request_chat_template=True)
-    v1, root = openai_api.build_app(), openai_api.build_server_app()
-    openai_api.attach(eng, v1, root)
+    v1, root = build_app(), build_server_app()
+    attach(eng, v1, root)
     with TestClient(Starlette(routes=[Mount("/v1", v1), Mount("/", root)])) as c:
         yield c
     eng.shutdown()
@@ -184,8 +185,8 @@ def test_the_server_template_comes_from_textgen_chat_template(tmp_path, tokenize
     path.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}bot:")
     eng = make_engine(tiny_model, tokenizer, chat_template=str(path))
     try:
-        v1, root = openai_api.build_app(), openai_api.build_server_app()
-        openai_api.attach(eng, v1, root)
+        v1, root = build_app(), build_server_app()
+        attach(eng, v1, root)
         app = Starlette(routes=[Mount("/v1", v1), Mount("/", root)])
         with TestClient(app) as c:
             body = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}

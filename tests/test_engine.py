@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from tests.conftest import collect, hf_greedy, make_engine, run
-from textgen.api import encode_prompt
 from textgen.params import ParamError, SamplingParams
+from textgen.validation import encode_prompt
 
 PROMPTS = [
     "The quick brown fox",

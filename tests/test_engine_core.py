@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from tests.conftest import collect, hf_greedy, make_engine, run, staggered, token_ids
-from textgen.api import encode_prompt
 from textgen.engine import (
     MAX_CONSECUTIVE_FAILURES,
     NON_FINITE_LOGITS,
@@ -27,6 +26,7 @@ from textgen.engine import (
 from textgen.models import random_gpt2
 from textgen.params import ParamError, SamplingParams
 from textgen.runner import CacheDoesNotFit, cgroup_room
+from textgen.validation import encode_prompt
 
 LONG = "In a shocking finding, scientists discovered a herd of unicorns living in a remote valley"
 OTHER = "The quick brown fox"

@@ -5,6 +5,7 @@ slots are reused; zero-token requests; logit_bias and stop tokens alone in their
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tests.test_engine_core import LONG, OTHER, _assert_idle, _final
 from textgen.engine import NON_FINITE_LOGITS
 from textgen.params import ParamError, SamplingParams
 from textgen.scheduler import Status
+from textgen.validation import checked_sequence
 
 SCORED = "Évaluation: 日本語 and a prompt that crosses no block but has odd bytes 🙂"
 
@@ -176,10 +178,27 @@ def test_logit_bias_and_stop_token_ids_act_on_their_own_row_only(tiny_model, tok
         ),
     ],
 )
-def test_the_engine_checks_what_only_it_knows(engine, params, param, message):
+def test_params_are_checked_against_the_model_and_the_settings(engine, params, param, message):
     with pytest.raises(ParamError) as err:
-        engine.new_sequence([1, 2], SamplingParams(**params))
+        checked_sequence(engine, [1, 2], SamplingParams(**params))
     assert (err.value.param, str(err.value)) == (param, message)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([1, 50257], {}, "prompt_ids: token id 50257 is not in the vocabulary (0..50256)"),
+        ([1, 2], {"logit_bias": ((-1, 1.0),)}, "logit_bias: token id -1 is not in the vocabulary"),
+        ([1, 2], {"stop_token_ids": (50257,)}, "stop_token_ids: token id 50257 is not in the"),
+        ([1, 2], {"logprobs": 50258}, "logprobs 50258 exceeds the vocabulary of 50257 tokens"),
+    ],
+)
+def test_the_engine_holds_its_invariants_against_its_callers(engine, prompt, params, message):
+    """What indexes the engine's tensors is checked before anything is queued: a caller's
+    bug (ValueError), not a client's error, and never a failed step for its neighbours."""
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        engine.new_sequence(prompt, SamplingParams(**params))
+    assert not isinstance(err.value, ParamError)
 
 
 def test_include_stop_str_in_output_keeps_the_matched_stop(engine, tokenizer, tiny_model):

@@ -12,7 +12,9 @@ from tests.conftest import run, stream_tokens
 from tests.test_engine import failing_engine
 from textgen import api
 from textgen.api import EventStreamResponse
-from textgen.openai_api import CompletionRequest, Frontend, _Completion, _sse_stream
+from textgen.openai_api.completions import Completion
+from textgen.openai_api.serving import Frontend, sse_stream
+from textgen.openai_schemas import CompletionRequest
 from textgen.schemas import GenerateRequest
 
 
@@ -37,8 +39,8 @@ def test_openai_stream_ends_with_an_error_event_then_done(tiny_model, tokenizer)
 
     async def body() -> list[str]:
         req = CompletionRequest(prompt="Hello", max_tokens=9, temperature=0, logprobs=0)
-        c = _Completion(req, Frontend.of(eng))
-        return [chunk async for chunk in _sse_stream(c, eng.stream(c.seqs))]
+        c = Completion(req, Frontend.of(eng))
+        return [chunk async for chunk in sse_stream(c, eng.stream(c.seqs))]
 
     try:
         chunks = run(body())
@@ -67,9 +69,9 @@ def test_a_stream_whose_client_left_before_its_first_chunk_cancels_its_sequences
 
     async def gone_at_once() -> list:
         req = CompletionRequest(prompt="Hello", max_tokens=500, temperature=0, stream=True)
-        c = _Completion(req, Frontend.of(eng))
+        c = Completion(req, Frontend.of(eng))
         events = eng.stream(c.seqs)
-        response = EventStreamResponse(_sse_stream(c, events), events)
+        response = EventStreamResponse(sse_stream(c, events), events)
 
         async def receive() -> dict:
             await asyncio.sleep(3600)

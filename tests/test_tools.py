@@ -171,7 +171,7 @@ def commands_the_tests_run(*sources: Path) -> tuple[dict[str, str], list[str]]:
     tests, and the package they drive) and through the project scripts they start; and
     those scripts."""
     used: dict[str, str] = {}
-    for module in sorted(m for source in sources for m in source.glob("*.py")):
+    for module in sorted(m for source in sources for m in source.rglob("*.py")):
         for command in commands_in_python(module.read_text(), module.name):
             used.setdefault(command, module.name)
     scripts = sorted(c for c in used if "/" in c and (ROOT / c).is_file())

@@ -1,7 +1,8 @@
 """Native routes' logic: wire request -> engine -> wire response or SSE events.
 
 service.py declares the routes; this module holds what they do, so the
-service file stays a table of routes.
+service file stays a table of routes. The OpenAI routes share its HTTP
+plumbing: `until_disconnected`, `EventStreamResponse` and `sse`.
 """
 
 from __future__ import annotations
@@ -16,82 +17,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from textgen import coalesce
-from textgen.engine import (
-    ContextOverflow,
-    Engine,
-    EngineOverloaded,
-    EngineUnavailable,
-    EventStream,
+from textgen.engine import Engine, EventStream
+from textgen.errors import (
+    REQUEST_ERRORS,
+    client_error,
+    error_response,
+    finish_error,
+    stream_error,
 )
-from textgen.errors import error_response
-from textgen.params import ParamError, check_unicode
-from textgen.scheduler import FinishEvent, Sequence, Status, TokenEvent
+from textgen.scheduler import FinishEvent, Sequence, TokenEvent
 from textgen.schemas import GenerateRequest, GenerateResponse, Usage
+from textgen.validation import checked_sequence, encode_prompt
 
 T = TypeVar("T")
-
-
-def encode_prompt(
-    engine: Engine,
-    prompt: str,
-    max_new_tokens: int,
-    field: str = "prompt",
-    budget_field: str = "max_new_tokens",
-) -> list[int]:
-    """Tokenizes a prompt, checking the wire limits and that it fits the context.
-
-    `field` and `budget_field` are the wire names of the prompt and of the
-    new-token budget, so the message speaks the client's vocabulary.
-    """
-    ids = prompt_ids(engine, prompt, field)
-    check_budget(engine, len(ids), max_new_tokens, field, budget_field)
-    return ids
-
-
-def prompt_ids(engine: Engine, prompt: str | list[int], field: str = "prompt") -> list[int]:
-    """A prompt's token ids, from its text or as given (checked against the vocabulary)."""
-    if isinstance(prompt, list):
-        for i, token_id in enumerate(prompt):
-            if not 0 <= token_id < engine.vocab_size:
-                raise ParamError(
-                    field,
-                    f"{field}[{i}]: token id {token_id} is not in the vocabulary "
-                    f"(0..{engine.vocab_size - 1})",
-                )
-        ids = prompt
-    else:
-        check_unicode(prompt, field)
-        limit = engine.settings.max_prompt_chars
-        if len(prompt) > limit:
-            raise ParamError(field, f"{field} has {len(prompt)} characters; the limit is {limit}")
-        ids = engine.tokenize(prompt)
-    if not ids:
-        raise ParamError(field, f"{field} must not be empty")
-    return ids
-
-
-def check_budget(
-    engine: Engine, prompt_tokens: int, max_new_tokens: int, field: str, budget_field: str
-) -> None:
-    """Raises ParamError unless `max_new_tokens` is within the limit and fits the context."""
-    budget_limit = engine.settings.max_new_tokens_limit
-    if max_new_tokens > budget_limit:
-        raise ParamError(
-            budget_field, f"{budget_field} must be <= {budget_limit}, got {max_new_tokens}"
-        )
-    try:
-        engine.check_fits(prompt_tokens, max_new_tokens)
-    except ContextOverflow as exc:
-        raise ParamError(
-            field,
-            f"{field} has {prompt_tokens} tokens and {budget_field} is {max_new_tokens}: "
-            f"{prompt_tokens + max_new_tokens} exceeds the model's context of {exc.limit} tokens",
-        ) from None
-
-
-def rest_of_context(engine: Engine, prompt_tokens: int) -> int:
-    """The new-token budget of a request that sets none (OpenAI's `max_tokens: null`)."""
-    return max(0, min(engine.settings.max_new_tokens_limit, engine.max_model_len - prompt_tokens))
 
 
 async def new_sequence(engine: Engine, request: GenerateRequest) -> Sequence:
@@ -100,7 +38,7 @@ async def new_sequence(engine: Engine, request: GenerateRequest) -> Sequence:
     params = request.to_sampling_params()
     prompt_ids = encode_prompt(engine, request.prompt, params.max_new_tokens)
     grammar = await engine.grammar(params.constraint)
-    return engine.new_sequence(prompt_ids, params, grammar)
+    return checked_sequence(engine, prompt_ids, params, grammar)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
@@ -131,7 +69,7 @@ async def _disconnected(request: Request) -> None:
 
 async def generate(
     engine: Engine, request: GenerateRequest, ctx: Context, route: str = "/generate"
-) -> Any:
+) -> GenerateResponse | JSONResponse:
     """POST /generate: the whole text at once.
 
     BentoML gives a route that takes a context the context's status code, so
@@ -145,22 +83,18 @@ async def generate(
     try:
         seq = await new_sequence(engine, request)
         events = engine.stream([seq], route, final_only=True)
-    except ParamError as exc:
-        return error(400, str(exc), exc.param)
-    except EngineOverloaded as exc:
-        return error(429, f"server is at capacity: {exc}; retry later")
-    except EngineUnavailable as exc:
-        return error(503, f"the engine is unavailable: {exc}")
+    except REQUEST_ERRORS as exc:
+        failure = client_error(exc)
+        return error(failure.status, str(failure), failure.param)
     try:
         final = await until_disconnected(ctx.request, _final_event(events))
     finally:
         await events.aclose()  # cancels the sequence unless it finished
     if final is None:
         return error(499, "client closed the request")
-    if final.status is Status.FAILED:
-        if final.param is not None:  # what the request sent failed it, not the server
-            return error(400, final.error or "generation failed", final.param)
-        return error(500, final.error or "generation failed")
+    failure = finish_error(final)
+    if failure is not None:
+        return error(failure.status, str(failure), failure.param)
     generated = request.prompt + final.text if request.return_full_text else final.text
     return GenerateResponse(
         input=request.prompt,
@@ -203,17 +137,16 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def generate_stream(engine: Engine, request: GenerateRequest) -> Any:
+async def generate_stream(
+    engine: Engine, request: GenerateRequest
+) -> EventStreamResponse | JSONResponse:
     """POST /generate_stream: one SSE event per token, then a final event."""
     try:
         seq = await new_sequence(engine, request)
         events = engine.stream([seq], "/generate_stream")
-    except ParamError as exc:
-        return error_response(400, str(exc), exc.param)
-    except EngineOverloaded as exc:
-        return error_response(429, f"server is at capacity: {exc}; retry later")
-    except EngineUnavailable as exc:
-        return error_response(503, f"the engine is unavailable: {exc}")
+    except REQUEST_ERRORS as exc:
+        failure = client_error(exc)
+        return error_response(failure.status, str(failure), failure.param)
     return EventStreamResponse(_sse_events(events, request, seq), events)
 
 
@@ -230,13 +163,13 @@ async def _sse_events(
             if isinstance(event, TokenEvent):
                 tokens = [{"id": e.token_id, "text": e.text} for e in group]  # type: ignore[union-attr]
                 yield sse({"token": tokens[0]} if len(tokens) == 1 else {"tokens": tokens})
-            elif event.status is Status.FAILED:
-                error = {"error": event.error or "generation failed"}
-                yield sse({**error, "param": event.param} if event.param else error)
+            elif (failure := finish_error(event)) is not None:
+                error = {"error": str(failure)}
+                yield sse({**error, "param": failure.param} if failure.param else error)
             else:
                 yield sse(_final_payload(event, request, seq))
     except Exception as exc:  # an error after the stream started ends it cleanly
-        yield sse({"error": f"generation failed: {exc}"})
+        yield sse({"error": str(stream_error(exc))})
     finally:
         await events.aclose()
 

@@ -40,8 +40,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from textgen import metrics
 from textgen.config import GRAMMAR_THREADS_BESIDE_ACCELERATOR, Settings
 from textgen.devices import resolve_device, resolve_dtype, resolve_int8
+from textgen.errors import EngineOverloaded, EngineUnavailable
 from textgen.output import Delta, SequenceOutput, detokenizer_factory, process_step
-from textgen.params import Constraint, ParamError, SamplingParams
+from textgen.params import Constraint, SamplingParams
 from textgen.runner import GPT2Runner
 from textgen.sampling import INVALID, Sampler, prompt_logprobs
 from textgen.scheduler import (
@@ -74,14 +75,6 @@ NON_FINITE_LOGITS = (
     "generation failed: no token could be chosen (the model's logits for this sequence are "
     "not finite, or only a suppressed EOS is)"
 )
-
-
-class EngineOverloaded(Exception):
-    """The admission queue is full; the client should retry later."""
-
-
-class EngineUnavailable(Exception):
-    """The engine is dead or wedged (the message says which); the service is unavailable."""
 
 
 class ContextOverflow(ValueError):
@@ -152,10 +145,9 @@ class Engine:
         self._stopping = threading.Event()
         self._dead: str | None = None  # why the engine stopped, once it has
         self._heartbeat = time.monotonic()  # the engine loop's latest turn
-        # NOTE: the engine thread builds the runner itself. Measured here (2-core
-        # CPU, bench/engine_bench.py, 32 streams): a runner built on the main thread
-        # and driven from this one decodes at 570 tok/s in bf16 and 860 in int8;
-        # built on it, 760 and 1345. Elementwise ops are what slow down; the cause
+        # NOTE: the runner is built on the engine thread, the one thread that drives it:
+        # on the CPU a runner built on another thread decodes markedly slower
+        # (bench/engine_bench.py shows it), in its elementwise ops; the cause
         # (thread-owned allocations or the OpenMP team) is not pinned down.
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -214,14 +206,22 @@ class Engine:
         self, prompt_ids: list[int], params: SamplingParams, grammar: Grammar | None = None
     ) -> Sequence:
         """One request's sequence; sampling without a seed gets a random one (`seq.params.seed`
-        reports it back to the client). Raises ContextOverflow when it would not fit, and
-        ParamError for what only the engine can check (token ids, logprobs bounds).
-        A constrained request passes its compiled constraint (`grammar`)."""
+        reports it back to the client). A constrained request passes its compiled constraint
+        (`grammar`).
+
+        NOTE (what callers guarantee; textgen/validation.py checks a request for it, naming
+        its wire fields): the prompt is not empty; every token id the engine indexes a
+        tensor with (the prompt's, `logit_bias`'s, `stop_token_ids`') is in the vocabulary,
+        and no more alternatives (`logprobs`, `prompt_logprobs`) are asked for than it
+        holds, since a bad index on the engine thread fails the step of every sequence in
+        it; a constrained sequence brings its compiled constraint. A broken guarantee
+        raises ValueError, a caller's bug. A sequence that would not fit one KV slot
+        raises ContextOverflow."""
         if not prompt_ids:
             raise ValueError("a sequence needs at least one prompt token")
         if (grammar.constraint if grammar else None) != params.constraint:
             raise ValueError("a constrained sequence needs its compiled constraint")
-        self.check_params(params)
+        self._check_indexes(prompt_ids, params)
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         rng = None
         if params.do_sample:
@@ -233,23 +233,30 @@ class Engine:
             seq.grammar = grammar.matcher()
         return seq
 
-    def check_params(self, params: SamplingParams) -> None:
-        """Raises ParamError for bounds set by the model and the settings."""
-        limit = self.settings.max_logprobs
+    def unknown_token(self, ids: list[int]) -> int | None:
+        """The index of the first id outside the vocabulary (0..vocab_size - 1), or None."""
+        if not ids or (min(ids) >= 0 and max(ids) < self.vocab_size):
+            return None
+        return next(i for i, token_id in enumerate(ids) if not 0 <= token_id < self.vocab_size)
+
+    def _check_indexes(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError unless what indexes the engine's tensors fits them (see
+        `new_sequence`)."""
+        named = {
+            "prompt_ids": prompt_ids,
+            "logit_bias": [token_id for token_id, _ in params.logit_bias],
+            "stop_token_ids": list(params.stop_token_ids),
+        }
+        for name, ids in named.items():
+            i = self.unknown_token(ids)
+            if i is not None:
+                raise ValueError(
+                    f"{name}: token id {ids[i]} is not in the vocabulary (0..{self.vocab_size - 1})"
+                )
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > limit:
-                raise ParamError(
-                    name, f"{name} must be <= {limit} (TEXTGEN_MAX_LOGPROBS), got {value}"
-                )
-        named = [("logit_bias", t) for t, _ in params.logit_bias]
-        named += [("stop_token_ids", t) for t in params.stop_token_ids]
-        for name, token_id in named:
-            if not 0 <= token_id < self.vocab_size:
-                raise ParamError(
-                    name,
-                    f"token id {token_id} is not in the vocabulary (0..{self.vocab_size - 1})",
-                )
+            k = getattr(params, name)
+            if k is not None and k > self.vocab_size:
+                raise ValueError(f"{name} {k} exceeds the vocabulary of {self.vocab_size} tokens")
 
     def stream(
         self, seqs: list[Sequence], label: str = "engine", final_only: bool = False
@@ -297,7 +304,7 @@ class Engine:
         letters = replace(
             short, min_new_tokens=0, constraint=Constraint.text("regex", "[a-z]{200}", "warm-up")
         )
-        self.grammars.tokenizer  # noqa: B018 (builds llguidance's vocabulary, once: ~1 s)
+        self.grammars.tokenizer  # noqa: B018 (builds llguidance's vocabulary, once, before ready)
         grammar = self.grammars.submit(letters.constraint).result()  # no request's limit
         first = [
             self.new_sequence(prompt, short),

@@ -4,7 +4,7 @@ Unknown fields are accepted and reported back (`ignored_fields`), as vLLM logs
 them. Every bound here is the wire's; bounds set by the model or the settings
 (vocabulary, context, TEXTGEN_MAX_*) are checked where the engine is known.
 
-Only a request's first validation error is reported (`openai_api.parse`), so lists
+Only a request's first validation error is reported (`openai_api.serving.parse`), so lists
 stop at their first bad item (`fail_fast`) and an oversized `logit_bias` is refused
 before its values are validated: otherwise a 1 MiB body of bad items builds one error
 per item (and per union branch), a million Python objects on the event loop.

@@ -1,8 +1,10 @@
 """The engine's one internal description of how to generate.
 
 Both wire schemas (`/generate` and `/v1/completions`) convert into
-`SamplingParams`; this is the only place the values are checked, and every
-check names the parameter, the limit and the value it got.
+`SamplingParams`; this is the only place the values are checked for what holds
+whatever the model, and every check names the parameter, the limit and the
+value it got. What the model and the settings bound (token ids in the
+vocabulary, TEXTGEN_MAX_LOGPROBS) is checked by textgen/validation.py.
 """
 
 from __future__ import annotations
@@ -230,7 +232,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS until max_new_tokens
     logprobs: int | None = None  # None: none; k: chosen token's logprob and k alternatives
     # None: none; k: for every prompt token after the first, its logprob given the tokens
-    # before it and the k most likely there (the engine bounds k, `max_logprobs`)
+    # before it and the k most likely there (bounded by `max_logprobs`, textgen/validation.py)
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     # None: free text; else every token keeps the output a prefix of a match, EOS comes
