@@ -78,18 +78,41 @@ class Connection:
         return cls(host, int(port or 80))
 
     async def post(self, path: str, body: object) -> tuple[int, bytes]:
-        """(status, the whole response body) of a POST of `body` as JSON."""
-        if self._writer is None or self._reader is None or self._reader.at_eof():
-            await self.close()
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        """(status, the whole response body) of a POST of `body` as JSON. A connection the
+        server closed between requests (keep-alive timeout) is reopened and the request
+        sent again, once; any other failure closes it and raises."""
         payload = json.dumps(body).encode()
-        self._writer.write(
+        request = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload
         )
+        try:
+            for attempt in range(2):
+                reused = await self._open()
+                self._writer.write(request)  # type: ignore[union-attr]
+                status_line = await self._reader.readline()  # type: ignore[union-attr]
+                if status_line or not reused or attempt:
+                    break
+                await self.close()  # closed before it read the request: send it again
+            if not status_line:
+                raise ConnectionError("the server closed the connection without answering")
+            return await self._response(int(status_line.split(b" ", 2)[1]))
+        except BaseException:
+            self._drop()  # what is left of that response is unknown
+            raise
+
+    async def _open(self) -> bool:
+        """Opens the connection unless it is open; True when it was (a reused one)."""
+        if self._writer is not None and self._reader is not None and not self._reader.at_eof():
+            return True
+        await self.close()
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        return False
+
+    async def _response(self, status: int) -> tuple[int, bytes]:
         reader = self._reader
-        status = int((await reader.readline()).split(b" ", 2)[1])
+        assert reader is not None
         length, chunked, close = 0, False, False
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
@@ -112,6 +135,11 @@ class Connection:
         if close:
             await self.close()
         return status, data
+
+    def _drop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
 
     async def close(self) -> None:
         if self._writer is not None:

@@ -258,3 +258,27 @@ def test_a_response_sent_whole_read_with_ready_and_closed_early_frees_its_rows(e
         return [seq.status, seq.slot]
 
     assert run(go()) == [Status.CANCELLED, -1]
+
+
+def test_a_response_sent_whole_hears_a_failure_at_once_and_cancels_the_rest(engine):
+    prompt = engine.tokenize("Hello there")
+    params = SamplingParams(max_new_tokens=600, min_new_tokens=600)
+
+    def boom(token_id: int) -> str:
+        raise RuntimeError("boom")
+
+    async def go() -> tuple[int, str, int]:
+        seqs = [engine.new_sequence(prompt, params), engine.new_sequence(prompt, params)]
+        events = engine.stream(seqs, final_only=True)
+        engine._sinks[seqs[0].request_id].output._detokenizer.add = boom  # its first token
+        try:
+            async for i, event in events:
+                if isinstance(event, FinishEvent):
+                    return i, event.error, len(seqs[1].output_ids)
+        finally:
+            await events.aclose()  # as the routes do: the other sequence is cancelled
+        raise AssertionError("no finish event")
+
+    i, error, sibling_tokens = run(go())
+    assert (i, error) == (0, "generation failed: boom")
+    assert sibling_tokens < 100  # read long before the other sequence's 600 tokens

@@ -24,7 +24,6 @@ model in float32 or bfloat16.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import random
@@ -267,14 +266,14 @@ class Engine:
         engine is dead or wedged. `label` labels the requests metric, counted by
         the engine when each sequence finishes. `final_only` (a response sent whole):
         the events are the same, but its reader wakes once, when every sequence has
-        finished, not at each token (vLLM's RequestOutputKind.FINAL_ONLY).
+        finished or one has failed, not at each token (vLLM's FINAL_ONLY outputs).
         """
         reason = self.health()
         if reason is not None:
             raise EngineUnavailable(reason)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event]] | HeldEvents
-        queue = HeldEvents(len(seqs), loop) if final_only else asyncio.Queue()
+        queue = HeldEvents(len(seqs)) if final_only else asyncio.Queue()
         for seq in seqs:
             output = SequenceOutput(
                 seq, queue, self._detokenizer(), label, self.metrics, self.scheduler.cancel
@@ -608,30 +607,36 @@ class Engine:
 
 class HeldEvents:
     """A queue whose reader wants all of it: the events of `pending` sequences are held
-    (as `SequenceOutput` puts them, in order) and `done` is set once, when the last
-    FinishEvent is put. Its reader wakes once per request, not once per token."""
+    (in the order `SequenceOutput` puts them) until every sequence has finished, or one
+    has failed (its request answers with the error at once and cancels the others);
+    from then on they pass straight through. Its reader wakes once, not at each token."""
 
-    def __init__(self, pending: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.events: collections.deque[tuple[int, Event]] = collections.deque()
-        self.done: asyncio.Future[None] = loop.create_future()
+    def __init__(self, pending: int) -> None:
+        self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._held: list[tuple[int, Event]] | None = []  # None once released
         self._pending = pending  # sequences whose FinishEvent has not been put
 
     def put_nowait(self, item: tuple[int, Event]) -> None:
-        self.events.append(item)
-        if isinstance(item[1], FinishEvent):
+        if self._held is None:
+            self._queue.put_nowait(item)
+            return
+        self._held.append(item)
+        event = item[1]
+        if isinstance(event, FinishEvent):
             self._pending -= 1
-            if not self._pending and not self.done.done():  # (cancelled: reader gone)
-                self.done.set_result(None)
+            if not self._pending or event.status is Status.FAILED:
+                held, self._held = self._held, None
+                for each in held:
+                    self._queue.put_nowait(each)
 
     async def get(self) -> tuple[int, Event]:
-        await self.done  # every event is held once it is set
-        return self.events.popleft()
+        return await self._queue.get()
 
     def empty(self) -> bool:
-        return not self.done.done() or not self.events
+        return self._queue.empty()
 
     def get_nowait(self) -> tuple[int, Event]:
-        return self.events.popleft()
+        return self._queue.get_nowait()
 
 
 class EventStream:
@@ -666,7 +671,7 @@ class EventStream:
 
     def ready(self) -> list[tuple[int, Event]]:
         """Every event already queued, taken without waiting, in order (streams coalesce
-        them: textgen/coalesce.py). Held events are ready once all of them are."""
+        them: textgen/coalesce.py). Held events are ready once they are released."""
         taken = []
         queue = self._queue
         while self._pending and not queue.empty():

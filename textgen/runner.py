@@ -68,10 +68,13 @@ class GPT2Runner:
         with textgen/csrc's kernels (`row_kind`); `fixed_shapes`: decode at bucketed
         shapes (`_decode_fixed`), None: on CUDA only; `cuda_graphs`: with fixed shapes
         on CUDA, capture each bucket's decode as a CUDA graph now and replay it;
-        `reuse_logits`: `decode`'s logits are a view of a buffer that the next `decode`
-        overwrites (no step allocates them: on the CPU a fresh (B, V) float32 tensor past
-        glibc's mmap threshold is mapped, faulted in and unmapped at every step), for a
-        caller that reads them before its next decode, as the engine's step does."""
+        `reuse_logits`: for a caller that reads `decode`'s logits before its next decode
+        (the engine's step), they may be a view of a buffer that the next one overwrites:
+        ragged decode writes them into one (max_batch_size, V) float32 buffer (the GEMM
+        itself in float32; other dtypes copy the head's output in), and a graph replay
+        returns its static logits uncloned. On the CPU a fresh (B, V) float32 tensor
+        past glibc's mmap threshold is mapped, faulted in and unmapped at every step.
+        Fixed shapes without a graph and the one-row native path still allocate theirs."""
         self.model = GPT2(model, device, dtype, quantize_int8, native_kernels)
         self.device = device
         self.dtype = self.model.dtype
