@@ -7,9 +7,11 @@ decode for `--new-tokens` steps. Each decode step's wall time is split into
 - host: everything else the engine thread does in the step, over B rows;
 and the CPU time (not wall) of that host part on the engine thread, which other load
 on the machine inflates far less than wall time, and the CPU time the event loop's
-thread (the output side and the clients) spends per sequence per step.
+thread (the output side and the clients) spends per sequence per step. Each stream
+reads every event as it comes, or with `--whole` once its response is whole (what a
+non-streaming request does).
 
-python bench/host_overhead.py --streams 256 --new-tokens 64
+python bench/host_overhead.py --streams 256 --new-tokens 64 [--whole]
 """
 
 from __future__ import annotations
@@ -50,21 +52,21 @@ class Timer:
             self.cpu += time.thread_time() - cpu
 
 
-async def run(engine: Engine, streams: int, new_tokens: int, stream_events: bool) -> float:
+async def run(engine: Engine, streams: int, new_tokens: int, final_only: bool) -> float:
     params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     prompt = engine.tokenize(PROMPT)
 
     async def one() -> None:
-        async for _ in engine.stream([engine.new_sequence(prompt, params)]):
-            if not stream_events:
-                continue
+        seq = engine.new_sequence(prompt, params)
+        async for _ in engine.stream([seq], final_only=final_only):
+            pass
 
     started = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(streams)))
     return streams * new_tokens / (time.perf_counter() - started)
 
 
-def measure(engine: Engine, streams: int, new_tokens: int) -> dict[str, float]:
+def measure(engine: Engine, streams: int, new_tokens: int, final_only: bool) -> dict[str, float]:
     """Per full-batch decode step (every stream running, none admitted): ms of each part."""
     forward = Timer(engine.runner, "decode")
     choose = Timer(engine.sampler, "choose")
@@ -86,7 +88,7 @@ def measure(engine: Engine, streams: int, new_tokens: int) -> dict[str, float]:
 
     engine.step = step  # type: ignore[method-assign]
     loop_cpu = time.thread_time()
-    tps = asyncio.run(run(engine, streams, new_tokens, True))
+    tps = asyncio.run(run(engine, streams, new_tokens, final_only))
     loop_cpu = time.thread_time() - loop_cpu
     engine.step = inner_step  # type: ignore[method-assign]
     engine.runner.decode, engine.sampler.choose = forward._inner, choose._inner
@@ -114,6 +116,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[256])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="runs per setting; the median")
+    parser.add_argument(
+        "--whole", action="store_true", help="read each response whole (non-streaming)"
+    )
     args = parser.parse_args()
     settings = Settings(
         dtype="float32",
@@ -124,14 +129,14 @@ def main() -> None:
     )
     info = ModelInfo("gpt2", "gpt2:tiny", "random", True, 1024)
     engine = Engine(random_gpt2(tiny=True), gpt2_tokenizer(), info, settings)
-    asyncio.run(run(engine, 2, 8, True))  # warm-up
+    asyncio.run(run(engine, 2, 8, False))  # warm-up
     print(
         "| streams | tok/s | step ms | forward ms | choose ms | host ms | host µs/seq "
         "| host CPU µs/seq | loop CPU µs/seq |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for streams in args.streams:
-        runs = [measure(engine, streams, args.new_tokens) for _ in range(args.rounds)]
+        runs = [measure(engine, streams, args.new_tokens, args.whole) for _ in range(args.rounds)]
         row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(
             f"| {streams} | {row['tok/s']:,.0f} | {row['step ms']:.2f} | {row['forward ms']:.2f} "

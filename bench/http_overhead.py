@@ -1,16 +1,19 @@
 """What HTTP costs: the engine in this process against `bentoml serve`, same settings, one run.
 
-    python bench/http_overhead.py [--quick] [--repeats 2]
+    python bench/http_overhead.py [--quick] [--repeats 2] [--client raw|httpx]
 
 For each model and precision the same `TEXTGEN_*` settings build two things: an Engine in
 this process, and a `bentoml serve` of the same weights from a temporary model store
 (bench/bench.py's helpers). Both stay up while the levels run; each level is a closed loop
 of `clients` clients, each sending its next request when its last one is done, every
 request making exactly `NEW_TOKENS` tokens (min = max). In-process, a request is
-`Engine.stream`: non-streaming waits for the final event, streaming reads every token's
-text. Over HTTP it is `/v1/completions` (non-streaming) or `/generate_stream` (server-sent
-events), from an httpx.AsyncClient in this process; the answer's usage must count the
-tokens asked for.
+`Engine.stream`: non-streaming reads its events once all are there (`final_only`, as the
+server's non-streaming routes), streaming reads every token's text. Over HTTP it is
+`/v1/completions` (non-streaming) or `/generate_stream` (server-sent events) from this
+process, each client on its own keep-alive connection (bench/loadgen.py's Connection,
+which parses only the framing, as wrk would), or with `--client httpx` through one
+httpx.AsyncClient pool, whose own CPU per request grows with its connections and then
+takes a large share of the 2 cores; the answer's usage must count the tokens asked for.
 
 The two sides alternate per level, `--repeats` times in ABBA order (in-process, HTTP, HTTP,
 in-process ...), so that drift of a shared machine falls on both, and each side's figure is
@@ -35,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from unittest import mock
 
@@ -44,7 +47,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loadgen import closed_loop, pool  # noqa: E402 (bench/loadgen.py)
+from loadgen import Connection, closed_loop, pool  # noqa: E402 (bench/loadgen.py)
 
 from bench import PROMPT, free_port, prepare_model, scan_events, start, stop  # noqa: E402 (bench/bench.py)
 from textgen.config import Settings  # noqa: E402
@@ -62,6 +65,7 @@ class Config:
     precision: str  # as the table names it
     env: dict[str, str]  # TEXTGEN_* settings, read by the server and by this process alike
     rounds: dict[int, int]  # clients -> requests each client sends, one after another
+    client: str = "raw"  # over HTTP: "raw" (loadgen.Connection) or "httpx" (its pool)
 
 
 @dataclass
@@ -115,7 +119,8 @@ async def in_process(engine: Engine, clients: int, rounds: int, streaming: bool)
 
     async def one() -> None:
         # Tokenized per request, as the server does.
-        events = engine.stream([engine.new_sequence(engine.tokenize(PROMPT), params)])
+        seq = engine.new_sequence(engine.tokenize(PROMPT), params)
+        events = engine.stream([seq], final_only=not streaming)  # as the server's routes
         texts, final = [], None
         async for _, event in events:
             if isinstance(event, FinishEvent):
@@ -127,26 +132,53 @@ async def in_process(engine: Engine, clients: int, rounds: int, streaming: bool)
     return await tokens_per_s(clients, rounds, one)
 
 
-async def over_http(url: str, clients: int, rounds: int, streaming: bool) -> float:
-    async with pool(clients) as client:
+async def over_http(
+    url: str, clients: int, rounds: int, streaming: bool, client: str = "raw"
+) -> float:
+    """`client`: "raw" (a loadgen.Connection per client) or "httpx" (one pool for all)."""
+    if streaming:
+        path = "/generate_stream"
+        body = {"prompt": PROMPT, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+    else:
+        path = "/v1/completions"
+        body = {"prompt": PROMPT, "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS}
+        body["temperature"] = 0
 
-        async def one() -> None:
-            if streaming:
-                body = {"prompt": PROMPT, "max_new_tokens": NEW_TOKENS}
-                body["min_new_tokens"] = NEW_TOKENS
-                async with client.stream("POST", f"{url}/generate_stream", json=body) as r:
+    def usage_of(data: bytes) -> dict:
+        if streaming:  # the last server-sent event carries the usage
+            data = data.rstrip(b"\n").rsplit(b"\n\n", 1)[-1].removeprefix(b"data: ")
+        return json.loads(data)["usage"]
+
+    if client == "httpx":
+        async with pool(clients) as http:
+
+            async def one_httpx() -> None:
+                if streaming:
+                    async with http.stream("POST", f"{url}{path}", json=body) as r:
+                        r.raise_for_status()
+                        _, _, last = await scan_events(r, b"data: ", time.perf_counter())
+                    usage = json.loads(last.removeprefix(b"data: "))["usage"]
+                else:
+                    r = await http.post(f"{url}{path}", json=body)
                     r.raise_for_status()
-                    _, _, last = await scan_events(r, b"data: ", time.perf_counter())
-                usage = json.loads(last.removeprefix(b"data: "))["usage"]
-            else:
-                body = {"prompt": PROMPT, "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS}
-                body["temperature"] = 0
-                r = await client.post(f"{url}/v1/completions", json=body)
-                r.raise_for_status()
-                usage = r.json()["usage"]
-            assert usage["completion_tokens"] == NEW_TOKENS, usage
+                    usage = r.json()["usage"]
+                assert usage["completion_tokens"] == NEW_TOKENS, usage
 
-        return await tokens_per_s(clients, rounds, one)
+            return await tokens_per_s(clients, rounds, one_httpx)
+
+    connections = [Connection.to(url) for _ in range(clients)]
+
+    async def one(k: int) -> None:
+        status, data = await connections[k].post(path, body)
+        assert status == 200, (status, data[:200])
+        usage = usage_of(data)
+        assert usage["completion_tokens"] == NEW_TOKENS, usage
+
+    try:
+        _, wall = await closed_loop(clients, lambda k, _r: one(k), rounds=rounds)
+    finally:
+        await asyncio.gather(*(c.close() for c in connections))
+    return clients * rounds * NEW_TOKENS / wall
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -203,7 +235,7 @@ def run_side(
         row.in_process.append(tps)
         row.in_process_cores.append(cores)
         return
-    level = over_http(url, row.clients, rounds, row.streaming)
+    level = over_http(url, row.clients, rounds, row.streaming, row.config.client)
     tps, client, served = timed(lambda: asyncio.run(level), procs)
     row.http.append(tps)
     row.client_cores.append(client)
@@ -238,7 +270,7 @@ def bench_config(config: Config, work: Path, repeats: int) -> list[Row]:
     try:
         widest = max(config.rounds)  # every batch width once on each side, untimed
         asyncio.run(in_process(engine, widest, 1, True))
-        asyncio.run(over_http(url, widest, 1, True))
+        asyncio.run(over_http(url, widest, 1, True, config.client))
         return measure(config, engine, url, psutil.Process(proc.pid), repeats)
     finally:
         stop(proc)
@@ -265,12 +297,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, fewer requests, once")
     parser.add_argument("--repeats", type=int, help="runs per side and level (default 2; 1 quick)")
+    parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="HTTP client: a bare keep-alive connection per client (default), or httpx's pool",
+    )
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
     rows: list[Row] = []
     failed = False
     with tempfile.TemporaryDirectory(prefix="textgen-http-overhead-") as tmp:
-        for config in configs(args.quick):
+        for config in (replace(c, client=args.client) for c in configs(args.quick)):
             try:
                 rows += bench_config(config, Path(tmp), repeats)
             except Exception as exc:  # the other models' rows still get printed

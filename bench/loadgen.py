@@ -8,7 +8,9 @@ bench/structured.py load their servers with it; each says what one request is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -55,3 +57,93 @@ async def closed_loop(
     started = time.perf_counter()
     await asyncio.gather(*(loop(k) for k in range(clients)))
     return results, time.perf_counter() - started
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON and reads each answer whole,
+    parsing only its framing (Content-Length or chunked): a load generator as light as
+    wrk's, for benches whose client shares the CPU with the server it measures (httpx's
+    pool does per-request work that grows with its connections). Reopened when the
+    server closes it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @classmethod
+    def to(cls, url: str) -> Connection:
+        """A connection to `url`'s host and port (http://host:port), opened at first use."""
+        host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
+        return cls(host, int(port or 80))
+
+    async def post(self, path: str, body: object) -> tuple[int, bytes]:
+        """(status, the whole response body) of a POST of `body` as JSON. A connection the
+        server closed between requests (keep-alive timeout) is reopened and the request
+        sent again, once; any other failure closes it and raises."""
+        payload = json.dumps(body).encode()
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        try:
+            for attempt in range(2):
+                reused = await self._open()
+                self._writer.write(request)  # type: ignore[union-attr]
+                status_line = await self._reader.readline()  # type: ignore[union-attr]
+                if status_line or not reused or attempt:
+                    break
+                await self.close()  # closed before it read the request: send it again
+            if not status_line:
+                raise ConnectionError("the server closed the connection without answering")
+            return await self._response(int(status_line.split(b" ", 2)[1]))
+        except BaseException:
+            self._drop()  # what is left of that response is unknown
+            raise
+
+    async def _open(self) -> bool:
+        """Opens the connection unless it is open; True when it was (a reused one)."""
+        if self._writer is not None and self._reader is not None and not self._reader.at_eof():
+            return True
+        await self.close()
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        return False
+
+    async def _response(self, status: int) -> tuple[int, bytes]:
+        reader = self._reader
+        assert reader is not None
+        length, chunked, close = 0, False, False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = value == b"chunked"
+            elif name == b"connection":
+                close = value == b"close"
+        if chunked:
+            parts = []
+            while size := int((await reader.readline()).split(b";")[0], 16):
+                parts.append(await reader.readexactly(size + 2))  # the chunk and its CRLF
+                parts[-1] = parts[-1][:-2]
+            await reader.readline()  # the last chunk's CRLF (no trailers)
+            data = b"".join(parts)
+        else:
+            data = await reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, data
+
+    def _drop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+        self._reader = self._writer = None

@@ -225,3 +225,18 @@ def test_stop_token_ids_wait_for_min_new_tokens(engine, tokenizer, tiny_model):
     assert free[4] not in tokens[:8]  # suppressed, as EOS is, below min_new_tokens
     assert len(tokens) >= 8
     assert final.status is (Status.FINISHED_STOP if free[4] in tokens else Status.FINISHED_LENGTH)
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_logprobs_past_the_vocabulary_are_a_400_whatever_the_setting(tiny_model, tokenizer, field):
+    eng = make_engine(tiny_model, tokenizer, max_logprobs=100_000)
+    try:
+        with pytest.raises(ParamError) as err:
+            checked_sequence(eng, [1, 2], SamplingParams(**{field: 50258}))
+        assert (err.value.param, str(err.value)) == (
+            field,
+            f"{field} must be <= 50257 (the vocabulary), got 50258",
+        )
+        checked_sequence(eng, [1, 2], SamplingParams(**{field: 50257}))  # the whole of it
+    finally:
+        eng.shutdown()

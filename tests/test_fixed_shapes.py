@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import hf_greedy, make_engine, staggered
 from textgen.config import ConfigError, Settings
+from textgen.models import random_gpt2
 from textgen.runner import GPT2Runner, batch_buckets, bucket, length_buckets
 
 CPU = torch.device("cpu")
@@ -191,3 +192,23 @@ def test_a_bad_fixed_shapes_setting_names_the_choices(monkeypatch):
     monkeypatch.setenv("TEXTGEN_FIXED_SHAPES", "sometimes")
     with pytest.raises(ConfigError, match="TEXTGEN_FIXED_SHAPES must be one of auto, true, false"):
         Settings.from_env()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reused_logits_equal_fresh_ones_and_share_one_buffer(dtype):
+    # Two copies of the same weights: a runner takes its model over.
+    fresh = GPT2Runner(random_gpt2(tiny=True), CPU, dtype, 4)
+    reused = GPT2Runner(random_gpt2(tiny=True), CPU, dtype, 4, reuse_logits=True)
+    prompts, slots = [PROMPTS[0], PROMPTS[1], PROMPTS[2]], [0, 1, 3]  # slot 2: a hole
+    for runner in (fresh, reused):
+        runner.prefill(prompts, slots)
+    outputs = []
+    for step in range(3):
+        args = ([7 + step, 8 + step, 9 + step], [len(p) + step for p in prompts], slots)
+        want, got = fresh.decode(*args), reused.decode(*args)
+        assert got.dtype == torch.float32 and got.shape == want.shape == (3, fresh.vocab_size)
+        assert torch.equal(got, want)
+        outputs.append(got)
+    # Every step wrote the same rows of one (max_batch_size, V) buffer.
+    assert len({t.data_ptr() for t in outputs}) == 1
+    assert outputs[0].untyped_storage().nbytes() == 4 * fresh.vocab_size * 4

@@ -214,3 +214,71 @@ def test_observe_many_equals_as_many_observations():
     assert samples[0].keys() == samples[1].keys()
     for key, value in samples[0].items():  # the sum, added in another order, to rounding
         assert samples[1][key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_a_response_sent_whole_gets_the_same_events_once_all_finished(engine):
+    prompt = engine.tokenize("Hello there")
+    short, long = (SamplingParams(max_new_tokens=n, min_new_tokens=n) for n in (2, 9))
+
+    async def read(final_only: bool) -> tuple[list, list[bool]]:
+        seqs = [engine.new_sequence(prompt, short), engine.new_sequence(prompt, long)]
+        events = engine.stream(seqs, final_only=final_only)
+        read, finished_then = [], []
+        async for i, event in events:
+            finished_then.append(all(seq.status.finished for seq in seqs))
+            read.append((i, type(event), getattr(event, "token_id", None)))
+        return read, finished_then
+
+    streamed, _ = run(read(False))
+    whole, finished_then = run(read(True))
+    assert whole == streamed  # the same events in the same order (greedy)
+    assert len(whole) == 2 + 1 + 9 + 1
+    assert all(finished_then)  # none read before the last sequence finished
+
+
+def test_a_response_sent_whole_read_with_ready_and_closed_early_frees_its_rows(engine):
+    prompt = engine.tokenize("Hello there")
+    params = SamplingParams(max_new_tokens=500, min_new_tokens=500)
+
+    async def go() -> list:
+        seq = engine.new_sequence(prompt, params)
+        events = engine.stream([seq], final_only=True)
+        await asyncio.sleep(0.05)
+        assert events.ready() == []  # nothing is ready before every sequence finished
+        task = asyncio.ensure_future(events.__anext__())
+        await asyncio.sleep(0.05)
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await events.aclose()
+        for _ in range(200):
+            if seq.slot == -1:
+                break
+            await asyncio.sleep(0.01)
+        return [seq.status, seq.slot]
+
+    assert run(go()) == [Status.CANCELLED, -1]
+
+
+def test_a_response_sent_whole_hears_a_failure_at_once_and_cancels_the_rest(engine):
+    prompt = engine.tokenize("Hello there")
+    params = SamplingParams(max_new_tokens=600, min_new_tokens=600)
+
+    def boom(token_id: int) -> str:
+        raise RuntimeError("boom")
+
+    async def go() -> tuple[int, str, int]:
+        seqs = [engine.new_sequence(prompt, params), engine.new_sequence(prompt, params)]
+        events = engine.stream(seqs, final_only=True)
+        engine._sinks[seqs[0].request_id].output._detokenizer.add = boom  # its first token
+        try:
+            async for i, event in events:
+                if isinstance(event, FinishEvent):
+                    return i, event.error, len(seqs[1].output_ids)
+        finally:
+            await events.aclose()  # as the routes do: the other sequence is cancelled
+        raise AssertionError("no finish event")
+
+    i, error, sibling_tokens = run(go())
+    assert (i, error) == (0, "generation failed: boom")
+    assert sibling_tokens < 100  # read long before the other sequence's 600 tokens

@@ -181,9 +181,9 @@ def test_malformed_json_is_a_400(server):
     assert response.status_code == 400
 
 
-def test_a_stream_opens_no_tracing_span_per_token():
-    # OpenTelemetry's ASGI middleware opens a span for every `send`, one per streamed
-    # token: 40% of the event loop's work per token (94 -> 57 us, 32 int8 streams).
+def test_no_tracing_span_per_streamed_token_or_received_message():
+    # OpenTelemetry's ASGI middleware opens a span for every `send` (one per streamed
+    # token) and every `receive` (the body, and each request's wait for a disconnect).
     from textgen.bento import TextgenService
 
     @bentoml.service(service_class=TextgenService)
@@ -198,4 +198,4 @@ def test_a_stream_opens_no_tracing_span_per_token():
         if type(node).__name__ == "OpenTelemetryMiddleware":
             found.append((node.exclude_send_span, node.exclude_receive_span))
         node = getattr(node, "app", None)
-    assert found == [(True, False)]
+    assert found == [(True, True)]  # (no send spans, no receive spans)

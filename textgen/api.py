@@ -82,7 +82,7 @@ async def generate(
 
     try:
         seq = await new_sequence(engine, request)
-        events = engine.stream([seq], route)
+        events = engine.stream([seq], route, final_only=True)
     except REQUEST_ERRORS as exc:
         failure = client_error(exc)
         return error(failure.status, str(failure), failure.param)

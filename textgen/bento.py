@@ -177,11 +177,12 @@ class TextgenService(Service):
 
     def to_asgi(self, is_main: bool = True) -> Any:
         app = super().to_asgi(is_main)
-        # OpenTelemetry's ASGI middleware opens a span for every `send`: one per streamed
-        # token. The request's own span stays; the per-message ones go.
+        # OpenTelemetry's ASGI middleware opens a span for every `send` (one per streamed
+        # token) and every `receive` (the body, and the disconnect each request waits
+        # for). The request's own span stays; the per-message ones go.
         for middleware in getattr(app, "user_middleware", ()):
             if getattr(middleware.cls, "__name__", "") == "OpenTelemetryMiddleware":
-                middleware.kwargs["exclude_spans"] = ["send"]
+                middleware.kwargs["exclude_spans"] = ["send", "receive"]
         settings = Settings.from_env()
         keepalive.install(settings.keep_alive_seconds)  # before uvicorn's first connection
         return FrontDoor(app, settings)

@@ -257,18 +257,23 @@ class Engine:
             if k is not None and k > self.vocab_size:
                 raise ValueError(f"{name} {k} exceeds the vocabulary of {self.vocab_size} tokens")
 
-    def stream(self, seqs: list[Sequence], label: str = "engine") -> EventStream:
+    def stream(
+        self, seqs: list[Sequence], label: str = "engine", final_only: bool = False
+    ) -> EventStream:
         """Submits sequences together, now.
 
         Raises EngineOverloaded when the queue is full, EngineUnavailable when the
         engine is dead or wedged. `label` labels the requests metric, counted by
-        the engine when each sequence finishes.
+        the engine when each sequence finishes. `final_only` (a response sent whole):
+        the events are the same, but its reader wakes once, when every sequence has
+        finished or one has failed, not at each token (vLLM's FINAL_ONLY outputs).
         """
         reason = self.health()
         if reason is not None:
             raise EngineUnavailable(reason)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Event]] | HeldEvents
+        queue = HeldEvents(len(seqs)) if final_only else asyncio.Queue()
         for seq in seqs:
             output = SequenceOutput(
                 seq, queue, self._detokenizer(), label, self.metrics, self.scheduler.cancel
@@ -365,6 +370,7 @@ class Engine:
                 native_kernels=self.settings.native_kernels,
                 fixed_shapes=self.settings.fixed_shapes,
                 cuda_graphs=self.settings.cuda_graphs,
+                reuse_logits=True,  # `_append` reads a step's logits within the step
             )
             self.sampler = Sampler(
                 self.settings.max_batch_size,
@@ -599,6 +605,40 @@ class Engine:
                 loop.call_soon_threadsafe(process_step, batch, now, self.metrics)
 
 
+class HeldEvents:
+    """A queue whose reader wants all of it: the events of `pending` sequences are held
+    (in the order `SequenceOutput` puts them) until every sequence has finished, or one
+    has failed (its request answers with the error at once and cancels the others);
+    from then on they pass straight through. Its reader wakes once, not at each token."""
+
+    def __init__(self, pending: int) -> None:
+        self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._held: list[tuple[int, Event]] | None = []  # None once released
+        self._pending = pending  # sequences whose FinishEvent has not been put
+
+    def put_nowait(self, item: tuple[int, Event]) -> None:
+        if self._held is None:
+            self._queue.put_nowait(item)
+            return
+        self._held.append(item)
+        event = item[1]
+        if isinstance(event, FinishEvent):
+            self._pending -= 1
+            if not self._pending or event.status is Status.FAILED:
+                held, self._held = self._held, None
+                for each in held:
+                    self._queue.put_nowait(each)
+
+    async def get(self) -> tuple[int, Event]:
+        return await self._queue.get()
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+    def get_nowait(self) -> tuple[int, Event]:
+        return self._queue.get_nowait()
+
+
 class EventStream:
     """The events of submitted sequences, as (index in `seqs`, event), until all finish.
 
@@ -607,13 +647,16 @@ class EventStream:
     """
 
     def __init__(
-        self, scheduler: Scheduler, seqs: list[Sequence], queue: asyncio.Queue[tuple[int, Event]]
+        self,
+        scheduler: Scheduler,
+        seqs: list[Sequence],
+        queue: asyncio.Queue[tuple[int, Event]] | HeldEvents,
     ) -> None:
         self._scheduler = scheduler
         self._seqs = seqs
         self._queue = queue
         self._index = {seq.request_id: i for i, seq in enumerate(seqs)}
-        self._pending = len(seqs)  # sequences whose FinishEvent has not come yet
+        self._pending = len(seqs)  # sequences whose FinishEvent has not been read
 
     def __aiter__(self) -> EventStream:
         return self
@@ -628,7 +671,7 @@ class EventStream:
 
     def ready(self) -> list[tuple[int, Event]]:
         """Every event already queued, taken without waiting, in order (streams coalesce
-        them: textgen/coalesce.py)."""
+        them: textgen/coalesce.py). Held events are ready once they are released."""
         taken = []
         queue = self._queue
         while self._pending and not queue.empty():

@@ -360,6 +360,7 @@ class GPT2:
             for h in transformer.h
         ]
         head = model.lm_head.weight  # (V, C), tied to wte
+        self._plain_head: nn.Linear = model.lm_head
         if self.dense_kind == "plain":
             self.lm_head: Callable[[torch.Tensor], torch.Tensor] = model.lm_head
         else:
@@ -419,9 +420,16 @@ class GPT2:
                 x = block.mlp_out.add(block.fc.gelu(block.ln_2(x)), x)
         return x
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual stream (..., C) -> next-token logits (..., V) float32."""
-        return self.lm_head(self.ln_f(x)).float()
+    def logits(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual stream (..., C) -> next-token logits (..., V) float32, written into
+        `out` when given (a buffer its caller reuses: no (..., V) float32 tensor is
+        allocated for them)."""
+        h = self.ln_f(x)
+        if out is None:
+            return self.lm_head(h).float()
+        if self.lm_head is self._plain_head and self._plain_head.weight.dtype == torch.float32:
+            return torch.matmul(h, self._plain_head.weight.t(), out=out)  # F.linear's GEMM
+        return out.copy_(self.lm_head(h))
 
     def sdpa_backends(self) -> contextlib.AbstractContextManager[None]:
         """On CUDA, SDPA limited to `CUDA_SDPA_BACKENDS`; elsewhere PyTorch's own choice

@@ -20,13 +20,12 @@ cancelled, failed) is the engine's, and applies after the last token handed over
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from textgen.metrics import Metrics, observe_many
 from textgen.params import SamplingParams
@@ -59,6 +58,13 @@ Delta = tuple[
 # The engine's finishes that a token caused; the others (cancelled, failed) come after
 # the sequence's last token.
 _BY_TOKEN = (Status.FINISHED_EOS, Status.FINISHED_STOP, Status.FINISHED_LENGTH)
+
+
+class EventQueue(Protocol):
+    """Where a request's events go, as (request id, event), in order: an asyncio.Queue,
+    or the engine's HeldEvents for a response sent whole."""
+
+    def put_nowait(self, item: tuple[int, Event]) -> None: ...
 
 
 class ByteLevelDetokenizer:
@@ -96,7 +102,7 @@ class SequenceOutput:
     def __init__(
         self,
         seq: Sequence,
-        queue: asyncio.Queue[tuple[int, Event]],
+        queue: EventQueue,
         detokenizer: Any,
         label: str,
         metrics: Metrics,

@@ -59,6 +59,7 @@ class GPT2Runner:
         native_kernels: bool = True,
         fixed_shapes: bool | None = None,
         cuda_graphs: bool = True,
+        reuse_logits: bool = False,
     ) -> None:
         """Takes `model` over (`GPT2` converts it in place to the device and dtype).
         `n_ctx`: positions per slot (default: the model's); `memory_utilization`: the
@@ -66,7 +67,14 @@ class GPT2Runner:
         take; `native_kernels`: whether bfloat16 and int8 on the CPU may decode one row
         with textgen/csrc's kernels (`row_kind`); `fixed_shapes`: decode at bucketed
         shapes (`_decode_fixed`), None: on CUDA only; `cuda_graphs`: with fixed shapes
-        on CUDA, capture each bucket's decode as a CUDA graph now and replay it."""
+        on CUDA, capture each bucket's decode as a CUDA graph now and replay it;
+        `reuse_logits`: for a caller that reads `decode`'s logits before its next decode
+        (the engine's step), they may be a view of a buffer that the next one overwrites:
+        ragged decode writes them into one (max_batch_size, V) float32 buffer (the GEMM
+        itself in float32; other dtypes copy the head's output in), and a graph replay
+        returns its static logits uncloned. On the CPU a fresh (B, V) float32 tensor
+        past glibc's mmap threshold is mapped, faulted in and unmapped at every step.
+        Fixed shapes without a graph and the one-row native path still allocate theirs."""
         self.model = GPT2(model, device, dtype, quantize_int8, native_kernels)
         self.device = device
         self.dtype = self.model.dtype
@@ -102,6 +110,8 @@ class GPT2Runner:
         # of `static_logits` (max B', V) float32.
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.static_logits: torch.Tensor | None = None
+        self.reuse_logits = reuse_logits
+        self._logits_out: torch.Tensor | None = None  # (max_batch_size, V): `reuse_logits`
         if self.fixed_shapes and cuda_graphs and device.type == "cuda":
             self._capture_graphs()
 
@@ -300,7 +310,8 @@ class GPT2Runner:
         if graph is None or self.static_logits is None:
             return self.forward_fixed(rows, length)[:b]
         graph.replay()
-        return self.static_logits[:b].clone()  # the next replay overwrites static_logits
+        logits = self.static_logits[:b]  # the next replay overwrites static_logits
+        return logits if self.reuse_logits else logits.clone()
 
     def forward_fixed(self, rows: int, length: int) -> torch.Tensor:
         """The decode step over the static inputs of batch bucket `rows` (B'), attending
@@ -336,7 +347,12 @@ class GPT2Runner:
             mask = mask[:, None, None, :]  # (S' or B, 1, 1, L)
         attention = RaggedDecode(slot_ids, pos, span, length, mask)
         x = self.model.forward(ids, pos, attention, self.kv_cache)  # (B, C)
-        return self.model.logits(x)
+        if not self.reuse_logits:
+            return self.model.logits(x)
+        if self._logits_out is None:
+            shape = (self.max_batch_size, self.vocab_size)
+            self._logits_out = torch.empty(shape, device=self.device)
+        return self.model.logits(x, out=self._logits_out[:b])
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:

@@ -105,11 +105,16 @@ def new_token_budget(
 
 
 def check_logprobs(engine: Engine, logprobs: int | None, field: str) -> None:
-    """Raises ParamError when `logprobs` alternatives are more than TEXTGEN_MAX_LOGPROBS."""
+    """Raises ParamError when `logprobs` alternatives are more than TEXTGEN_MAX_LOGPROBS,
+    or than the vocabulary holds (whatever that setting says)."""
     limit = engine.settings.max_logprobs
     if logprobs is not None and logprobs > limit:
         raise ParamError(
             field, f"{field} must be <= {limit} (TEXTGEN_MAX_LOGPROBS), got {logprobs}"
+        )
+    if logprobs is not None and logprobs > engine.vocab_size:
+        raise ParamError(
+            field, f"{field} must be <= {engine.vocab_size} (the vocabulary), got {logprobs}"
         )
 
 

@@ -391,7 +391,7 @@ async def serve_generation(
             logger.warning("%s: ignored unknown fields: %s", request.url.path, ignored)
             headers[IGNORED_FIELDS_HEADER] = ignored
         work = await build(req, frontend, request)
-        events = frontend.engine.stream(work.seqs, request.url.path)
+        events = frontend.engine.stream(work.seqs, request.url.path, final_only=not req.stream)
         if req.stream:
             return EventStreamResponse(sse_stream(work, events), events, headers=headers)
         try:
