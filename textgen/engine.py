@@ -238,20 +238,31 @@ class Engine:
             return None
         return next(i for i, token_id in enumerate(ids) if not 0 <= token_id < self.vocab_size)
 
-    def _check_indexes(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError unless what indexes the engine's tensors fits them (see
-        `new_sequence`)."""
+    def unknown_token_in(
+        self, params: SamplingParams, prompt_ids: list[int] | None = None
+    ) -> tuple[str, int] | None:
+        """(field, token id) of the first id outside the vocabulary among `prompt_ids`
+        (when given), `logit_bias` and `stop_token_ids`, or None."""
         named = {
-            "prompt_ids": prompt_ids,
+            "prompt_ids": prompt_ids or [],
             "logit_bias": [token_id for token_id, _ in params.logit_bias],
             "stop_token_ids": list(params.stop_token_ids),
         }
         for name, ids in named.items():
             i = self.unknown_token(ids)
             if i is not None:
-                raise ValueError(
-                    f"{name}: token id {ids[i]} is not in the vocabulary (0..{self.vocab_size - 1})"
-                )
+                return name, ids[i]
+        return None
+
+    def not_in_vocabulary(self, token_id: int) -> str:
+        return f"token id {token_id} is not in the vocabulary (0..{self.vocab_size - 1})"
+
+    def _check_indexes(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError unless what indexes the engine's tensors fits them (see
+        `new_sequence`)."""
+        unknown = self.unknown_token_in(params, prompt_ids)
+        if unknown is not None:
+            raise ValueError(f"{unknown[0]}: {self.not_in_vocabulary(unknown[1])}")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.vocab_size:

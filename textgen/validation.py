@@ -29,11 +29,7 @@ def prompt_ids(engine: Engine, prompt: str | list[int], field: str = "prompt") -
     if isinstance(prompt, list):
         i = engine.unknown_token(prompt)
         if i is not None:
-            raise ParamError(
-                field,
-                f"{field}[{i}]: token id {prompt[i]} is not in the vocabulary "
-                f"(0..{engine.vocab_size - 1})",
-            )
+            raise ParamError(field, f"{field}[{i}]: {engine.not_in_vocabulary(prompt[i])}")
         ids = prompt
     else:
         check_unicode(prompt, field)
@@ -123,16 +119,9 @@ def check_params(engine: Engine, params: SamplingParams) -> None:
     alternatives asked for, and the token ids of `logit_bias` and `stop_token_ids`."""
     check_logprobs(engine, params.logprobs, "logprobs")
     check_logprobs(engine, params.prompt_logprobs, "prompt_logprobs")
-    named = {
-        "logit_bias": [token_id for token_id, _ in params.logit_bias],
-        "stop_token_ids": list(params.stop_token_ids),
-    }
-    for field, ids in named.items():
-        i = engine.unknown_token(ids)
-        if i is not None:
-            raise ParamError(
-                field, f"token id {ids[i]} is not in the vocabulary (0..{engine.vocab_size - 1})"
-            )
+    unknown = engine.unknown_token_in(params)
+    if unknown is not None:
+        raise ParamError(unknown[0], engine.not_in_vocabulary(unknown[1]))
 
 
 def checked_sequence(
