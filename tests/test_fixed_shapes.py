@@ -112,11 +112,16 @@ class _StandInGraph:
         self.step()
 
 
-def test_decode_through_captured_steps_equals_generate(tiny_model, monkeypatch):
+@pytest.mark.parametrize("reuse_logits", [False, True])
+def test_decode_through_captured_steps_equals_generate(reuse_logits, monkeypatch):
     # What only a GPU can run is torch.cuda's capture; everything around it (a step per
     # bucket over the static buffers, padding, the logits buffer) runs here with a
-    # stand-in graph that reruns the step at each replay.
-    runner = GPT2Runner(tiny_model, CPU, torch.float32, 12, fixed_shapes=True)
+    # stand-in graph that reruns the step at each replay. With `reuse_logits` (the
+    # engine's) each step's logits are the static buffer itself, not a copy.
+    tiny_model = random_gpt2(tiny=True)  # a runner takes its model over
+    runner = GPT2Runner(
+        tiny_model, CPU, torch.float32, 12, fixed_shapes=True, reuse_logits=reuse_logits
+    )
     monkeypatch.setattr(
         GPT2Runner, "_capture", staticmethod(lambda step, pool: _StandInGraph(step))
     )
@@ -127,10 +132,17 @@ def test_decode_through_captured_steps_equals_generate(tiny_model, monkeypatch):
     assert set(runner.graphs) == {(r, n) for r in [1, 2, 4, 8, 12] for n in [128, 256, 512, 1024]}
     runner.clear_slots()  # capture wrote the scratch slot only; start clean anyway
     decode, steps = runner.decode, []
-    monkeypatch.setattr(runner, "decode", lambda *rows: steps.append(1) or decode(*rows))
+
+    def counted(*rows):
+        logits = decode(*rows)
+        steps.append(logits.data_ptr() == runner.static_logits.data_ptr())
+        return logits
+
+    monkeypatch.setattr(runner, "decode", counted)
     _StandInGraph.replays = 0
     outputs, later, _ = _greedy_in_one_runner(runner)
     assert _StandInGraph.replays == len(steps) > 300  # every step a replay
+    assert set(steps) == {reuse_logits}  # the static logits themselves, or a copy
     for got, prompt, n in zip(outputs, PROMPTS, NEW_TOKENS, strict=True):
         assert got == hf_greedy(tiny_model, prompt, n), prompt
     assert later == hf_greedy(tiny_model, LATER, LATER_NEW_TOKENS)
