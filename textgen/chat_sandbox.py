@@ -95,7 +95,10 @@ async def render(
     arrived = loop.time()
     turns.waiting += 1
     try:
-        await asyncio.wait_for(turns.free.acquire(), timeout_s)
+        # Not wait_for: on Python 3.11, a caller cancelled (its client gone) just as its
+        # turn is granted gets the turn and no CancelledError, and renders for nobody.
+        async with asyncio.timeout(timeout_s):
+            await turns.free.acquire()
     except TimeoutError:
         raise RenderersBusy(
             f"no turn to render chat_template came within {timeout_s:g} s "
