@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -49,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from loadgen import Connection, closed_loop, pool  # noqa: E402 (bench/loadgen.py)
 
-from bench import PROMPT, free_port, prepare_model, scan_events, start, stop  # noqa: E402 (bench/bench.py)
+from bench import PROMPT, free_port, prepare_model, start, stop  # noqa: E402 (bench/bench.py)
 from textgen.config import Settings  # noqa: E402
 from textgen.engine import Engine, ModelInfo  # noqa: E402
 from textgen.models import gpt2_tokenizer, random_gpt2  # noqa: E402
@@ -107,17 +108,17 @@ def settings_of(env: dict[str, str]) -> Settings:
         return Settings.from_env()
 
 
-async def tokens_per_s(clients: int, rounds: int, one: Callable[[], Awaitable[None]]) -> float:
-    """Output tokens/s of a closed loop of `clients` clients each awaiting `one()` `rounds`
-    times."""
-    _, wall = await closed_loop(clients, lambda _k, _r: one(), rounds=rounds)
+async def tokens_per_s(clients: int, rounds: int, one: Callable[[int], Awaitable[None]]) -> float:
+    """Output tokens/s of a closed loop of `clients` clients, client k awaiting `one(k)`
+    `rounds` times."""
+    _, wall = await closed_loop(clients, lambda k, _r: one(k), rounds=rounds)
     return clients * rounds * NEW_TOKENS / wall
 
 
 async def in_process(engine: Engine, clients: int, rounds: int, streaming: bool) -> float:
     params = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
 
-    async def one() -> None:
+    async def one(_k: int) -> None:
         # Tokenized per request, as the server does.
         seq = engine.new_sequence(engine.tokenize(PROMPT), params)
         events = engine.stream([seq], final_only=not streaming)  # as the server's routes
@@ -135,7 +136,8 @@ async def in_process(engine: Engine, clients: int, rounds: int, streaming: bool)
 async def over_http(
     url: str, clients: int, rounds: int, streaming: bool, client: str = "raw"
 ) -> float:
-    """`client`: "raw" (a loadgen.Connection per client) or "httpx" (one pool for all)."""
+    """`client`: "raw" (a loadgen.Connection per client) or "httpx" (one pool for all).
+    Either reads each answer whole; a stream's last server-sent event carries its usage."""
     if streaming:
         path = "/generate_stream"
         body = {"prompt": PROMPT, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
@@ -143,42 +145,31 @@ async def over_http(
         path = "/v1/completions"
         body = {"prompt": PROMPT, "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS}
         body["temperature"] = 0
+    async with contextlib.AsyncExitStack() as stack:
+        if client == "httpx":
+            http = await stack.enter_async_context(pool(clients))
 
-    def usage_of(data: bytes) -> dict:
-        if streaming:  # the last server-sent event carries the usage
-            data = data.rstrip(b"\n").rsplit(b"\n\n", 1)[-1].removeprefix(b"data: ")
-        return json.loads(data)["usage"]
+            async def post(_k: int) -> tuple[int, bytes]:
+                r = await http.post(f"{url}{path}", json=body)
+                return r.status_code, r.content
 
-    if client == "httpx":
-        async with pool(clients) as http:
+        else:
+            connections = [Connection.to(url) for _ in range(clients)]
+            for connection in connections:
+                stack.push_async_callback(connection.close)
 
-            async def one_httpx() -> None:
-                if streaming:
-                    async with http.stream("POST", f"{url}{path}", json=body) as r:
-                        r.raise_for_status()
-                        _, _, last = await scan_events(r, b"data: ", time.perf_counter())
-                    usage = json.loads(last.removeprefix(b"data: "))["usage"]
-                else:
-                    r = await http.post(f"{url}{path}", json=body)
-                    r.raise_for_status()
-                    usage = r.json()["usage"]
-                assert usage["completion_tokens"] == NEW_TOKENS, usage
+            async def post(k: int) -> tuple[int, bytes]:
+                return await connections[k].post(path, body)
 
-            return await tokens_per_s(clients, rounds, one_httpx)
+        async def one(k: int) -> None:
+            status, data = await post(k)
+            assert status == 200, (status, data[:200])
+            if streaming:
+                data = data.rstrip(b"\n").rsplit(b"\n\n", 1)[-1].removeprefix(b"data: ")
+            usage = json.loads(data)["usage"]
+            assert usage["completion_tokens"] == NEW_TOKENS, usage
 
-    connections = [Connection.to(url) for _ in range(clients)]
-
-    async def one(k: int) -> None:
-        status, data = await connections[k].post(path, body)
-        assert status == 200, (status, data[:200])
-        usage = usage_of(data)
-        assert usage["completion_tokens"] == NEW_TOKENS, usage
-
-    try:
-        _, wall = await closed_loop(clients, lambda k, _r: one(k), rounds=rounds)
-    finally:
-        await asyncio.gather(*(c.close() for c in connections))
-    return clients * rounds * NEW_TOKENS / wall
+        return await tokens_per_s(clients, rounds, one)
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
