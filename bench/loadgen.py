@@ -63,8 +63,7 @@ class Connection:
     """One keep-alive HTTP/1.1 connection that POSTs JSON and reads each answer whole,
     parsing only its framing (Content-Length or chunked): a load generator as light as
     wrk's, for benches whose client shares the CPU with the server it measures (httpx's
-    pool does per-request work that grows with its connections). Reopened when the
-    server closes it."""
+    pool does per-request work that grows with its connections)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -78,9 +77,9 @@ class Connection:
         return cls(host, int(port or 80))
 
     async def post(self, path: str, body: object) -> tuple[int, bytes]:
-        """(status, the whole response body) of a POST of `body` as JSON. A connection the
-        server closed between requests (keep-alive timeout) is reopened and the request
-        sent again, once; any other failure closes it and raises."""
+        """(status, the whole response body) of a POST of `body` as JSON. Never resent:
+        a connection that ends without an answer raises ConnectionError (a drop to count,
+        not to hide), and any failure closes it, so the next request opens a new one."""
         payload = json.dumps(body).encode()
         request = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
@@ -88,13 +87,9 @@ class Connection:
             + payload
         )
         try:
-            for attempt in range(2):
-                reused = await self._open()
-                self._writer.write(request)  # type: ignore[union-attr]
-                status_line = await self._reader.readline()  # type: ignore[union-attr]
-                if status_line or not reused or attempt:
-                    break
-                await self.close()  # closed before it read the request: send it again
+            await self._open()
+            self._writer.write(request)  # type: ignore[union-attr]
+            status_line = await self._reader.readline()  # type: ignore[union-attr]
             if not status_line:
                 raise ConnectionError("the server closed the connection without answering")
             return await self._response(int(status_line.split(b" ", 2)[1]))
@@ -102,13 +97,12 @@ class Connection:
             self._drop()  # what is left of that response is unknown
             raise
 
-    async def _open(self) -> bool:
-        """Opens the connection unless it is open; True when it was (a reused one)."""
+    async def _open(self) -> None:
+        """Opens the connection unless it is open (and not closed by the server)."""
         if self._writer is not None and self._reader is not None and not self._reader.at_eof():
-            return True
+            return
         await self.close()
         self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        return False
 
     async def _response(self, status: int) -> tuple[int, bytes]:
         reader = self._reader

@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import run
 from textgen import metrics
+from textgen.engine import HeldEvents
 from textgen.output import (
     ByteLevelDetokenizer,
     SequenceOutput,
@@ -238,7 +239,7 @@ def test_a_response_sent_whole_gets_the_same_events_once_all_finished(engine):
 
 def test_a_response_sent_whole_read_with_ready_and_closed_early_frees_its_rows(engine):
     prompt = engine.tokenize("Hello there")
-    params = SamplingParams(max_new_tokens=500, min_new_tokens=500)
+    params = SamplingParams(max_new_tokens=1000, min_new_tokens=1000)  # far past 0.1 s
 
     async def go() -> list:
         seq = engine.new_sequence(prompt, params)
@@ -282,3 +283,33 @@ def test_a_response_sent_whole_hears_a_failure_at_once_and_cancels_the_rest(engi
     i, error, sibling_tokens = run(go())
     assert (i, error) == (0, "generation failed: boom")
     assert sibling_tokens < 100  # read long before the other sequence's 600 tokens
+
+
+@pytest.mark.parametrize(
+    ("first_end", "released_at_first_end"),
+    [(Status.FINISHED_LENGTH, False), (Status.FAILED, True), (Status.CANCELLED, True)],
+)
+def test_held_events_are_released_when_all_finished_or_one_ends_unanswered(
+    first_end, released_at_first_end
+):
+    async def go() -> list:
+        held = HeldEvents(2)
+        token = TokenEvent(5, "e", None, (), None)
+        held.put_nowait((1, token))
+        held.put_nowait((2, token))
+        assert held.empty()  # nothing readable before a finish
+        held.put_nowait((1, FinishEvent(first_end, "e", 2, 1, None)))
+        assert held.empty() is not released_at_first_end
+        held.put_nowait((2, FinishEvent(Status.FINISHED_LENGTH, "e", 2, 1, None)))
+        held.put_nowait((2, token))  # past the release: straight through
+        return [await held.get() for _ in range(5)]
+
+    got = run(go())
+    assert [rid for rid, _ in got] == [1, 2, 1, 2, 2]  # every event, in the order put
+    assert [type(e).__name__ for _, e in got] == [
+        "TokenEvent",
+        "TokenEvent",
+        "FinishEvent",
+        "FinishEvent",
+        "TokenEvent",
+    ]

@@ -616,11 +616,16 @@ class Engine:
                 loop.call_soon_threadsafe(process_step, batch, now, self.metrics)
 
 
+# A sequence that ended so has no answer for its request: the request ends at once.
+_UNANSWERED = (Status.FAILED, Status.CANCELLED)
+
+
 class HeldEvents:
     """A queue whose reader wants all of it: the events of `pending` sequences are held
     (in the order `SequenceOutput` puts them) until every sequence has finished, or one
-    has failed (its request answers with the error at once and cancels the others);
-    from then on they pass straight through. Its reader wakes once, not at each token."""
+    has failed or been cancelled (its request answers with that at once and cancels the
+    others); from then on they pass straight through. Its reader wakes once, not at
+    each token."""
 
     def __init__(self, pending: int) -> None:
         self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -635,7 +640,7 @@ class HeldEvents:
         event = item[1]
         if isinstance(event, FinishEvent):
             self._pending -= 1
-            if not self._pending or event.status is Status.FAILED:
+            if not self._pending or event.status in _UNANSWERED:
                 held, self._held = self._held, None
                 for each in held:
                     self._queue.put_nowait(each)
