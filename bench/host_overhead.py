@@ -9,9 +9,12 @@ and the CPU time (not wall) of that host part on the engine thread, which other 
 on the machine inflates far less than wall time, and the CPU time the event loop's
 thread (the output side and the clients) spends per sequence per step. Each stream
 reads every event as it comes, or with `--whole` once its response is whole (what a
-non-streaming request does).
+non-streaming request does). `--sampling` picks how tokens are chosen (greedy, or drawn:
+`temperature` alone as OpenAI clients send it, `top-p`, or `top-k` with top_p and a
+temperature as Hugging Face's examples do); `--heap mapped` runs with glibc's own large
+blocks (TEXTGEN_HEAP_LARGE_BLOCKS=false) instead of keeping them in the heap.
 
-python bench/host_overhead.py --streams 256 --new-tokens 64 [--whole]
+python bench/host_overhead.py --streams 256 --new-tokens 64 [--whole] [--sampling top-k]
 """
 
 from __future__ import annotations
@@ -52,8 +55,20 @@ class Timer:
             self.cpu += time.thread_time() - cpu
 
 
-async def run(engine: Engine, streams: int, new_tokens: int, final_only: bool) -> float:
-    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+SAMPLING: dict[str, dict[str, Any]] = {  # extra SamplingParams fields
+    "greedy": {},
+    "temperature": {"do_sample": True, "temperature": 0.7},
+    "top-p": {"do_sample": True, "temperature": 0.7, "top_p": 0.95},
+    "top-k": {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 50},
+}
+
+
+async def run(
+    engine: Engine, streams: int, new_tokens: int, final_only: bool, sampling: str = "greedy"
+) -> float:
+    params = SamplingParams(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, seed=0, **SAMPLING[sampling]
+    )
     prompt = engine.tokenize(PROMPT)
 
     async def one() -> None:
@@ -66,7 +81,9 @@ async def run(engine: Engine, streams: int, new_tokens: int, final_only: bool) -
     return streams * new_tokens / (time.perf_counter() - started)
 
 
-def measure(engine: Engine, streams: int, new_tokens: int, final_only: bool) -> dict[str, float]:
+def measure(
+    engine: Engine, streams: int, new_tokens: int, final_only: bool, sampling: str
+) -> dict[str, float]:
     """Per full-batch decode step (every stream running, none admitted): ms of each part."""
     forward = Timer(engine.runner, "decode")
     choose = Timer(engine.sampler, "choose")
@@ -88,7 +105,7 @@ def measure(engine: Engine, streams: int, new_tokens: int, final_only: bool) -> 
 
     engine.step = step  # type: ignore[method-assign]
     loop_cpu = time.thread_time()
-    tps = asyncio.run(run(engine, streams, new_tokens, final_only))
+    tps = asyncio.run(run(engine, streams, new_tokens, final_only, sampling))
     loop_cpu = time.thread_time() - loop_cpu
     engine.step = inner_step  # type: ignore[method-assign]
     engine.runner.decode, engine.sampler.choose = forward._inner, choose._inner
@@ -119,8 +136,13 @@ def main() -> None:
     parser.add_argument(
         "--whole", action="store_true", help="read each response whole (non-streaming)"
     )
+    parser.add_argument("--sampling", choices=list(SAMPLING), default="greedy")
+    parser.add_argument(
+        "--heap", choices=["kept", "mapped"], default="kept", help="where large blocks live"
+    )
     args = parser.parse_args()
     settings = Settings(
+        heap_large_blocks=args.heap == "kept",
         dtype="float32",
         device="cpu",
         max_batch_size=max(args.streams),
@@ -136,7 +158,10 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for streams in args.streams:
-        runs = [measure(engine, streams, args.new_tokens, args.whole) for _ in range(args.rounds)]
+        runs = [
+            measure(engine, streams, args.new_tokens, args.whole, args.sampling)
+            for _ in range(args.rounds)
+        ]
         row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(
             f"| {streams} | {row['tok/s']:,.0f} | {row['step ms']:.2f} | {row['forward ms']:.2f} "

@@ -104,6 +104,8 @@ class Settings:
     max_model_len: int = 0  # positions per sequence (prompt + new tokens); 0: the model's
     memory_utilization: float = 0.9  # share of the memory left after the weights for the cache
     native_kernels: bool = True  # CPU int8 and bf16: one stream decodes with textgen/csrc's kernels
+    # CPU: the process's blocks up to 1 GiB come from the heap (`devices.keep_large_blocks`)
+    heap_large_blocks: bool = True
     prefix_caching: bool = True  # a prompt's prefix already in a KV slot is not computed again
     # Decode at bucketed batch sizes and attended lengths over static buffers (padding
     # rows in a scratch slot); None: on CUDA only.
@@ -168,6 +170,7 @@ class Settings:
             max_model_len=max_model_len,
             memory_utilization=_env_float("TEXTGEN_MEMORY_UTILIZATION", 0.9, 0.0, 1.0),
             native_kernels=_env_bool("TEXTGEN_NATIVE_KERNELS", True),
+            heap_large_blocks=_env_bool("TEXTGEN_HEAP_LARGE_BLOCKS", True),
             prefix_caching=_env_bool("TEXTGEN_PREFIX_CACHING", True),
             fixed_shapes={"auto": None, "true": True, "false": False}[
                 _env_choice("TEXTGEN_FIXED_SHAPES", "auto", ("auto", "true", "false"))

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+HEAP_BLOCK_LIMIT = 1 << 30  # blocks up to 1 GiB come from the heap (`keep_large_blocks`)
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -46,3 +55,23 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def keep_large_blocks(limit: int = HEAP_BLOCK_LIMIT) -> bool:
+    """Serves blocks up to `limit` bytes from glibc's heap, and keeps up to `limit` bytes
+    freed at its top, for the whole process. Returns whether it could (glibc only).
+
+    glibc maps each block above its mmap threshold anew (the threshold adapts, but never
+    past 32 MiB): every page of it faults on first write and freeing it unmaps it. A step
+    on the CPU makes temporaries of (rows, V) float32, past that ceiling from about 170
+    rows (the sampler's (B, V) work, a prompt's logprobs), so each step would map, fault
+    and unmap them again. Kept in the heap, a freed block is reused as it is."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (raises AttributeError off glibc: musl, macOS)
+    except (OSError, AttributeError):
+        return False
+    kept = libc.mallopt(M_MMAP_THRESHOLD, limit) == 1 and libc.mallopt(M_TRIM_THRESHOLD, limit) == 1
+    if not kept:
+        logger.warning("glibc refused mallopt(%d); large blocks stay mapped per use", limit)
+    return kept

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textgen import metrics
 from textgen.config import GRAMMAR_THREADS_BESIDE_ACCELERATOR, Settings
-from textgen.devices import resolve_device, resolve_dtype, resolve_int8
+from textgen.devices import keep_large_blocks, resolve_device, resolve_dtype, resolve_int8
 from textgen.errors import EngineOverloaded, EngineUnavailable
 from textgen.output import Delta, SequenceOutput, detokenizer_factory, process_step
 from textgen.params import Constraint, SamplingParams
@@ -370,6 +370,8 @@ class Engine:
     def _run(self, model: Any, device: torch.device, dtype: torch.dtype) -> None:
         """The engine thread: builds the runner, then steps until shutdown."""
         try:
+            if device.type == "cpu" and self.settings.heap_large_blocks:
+                keep_large_blocks()
             self.runner = GPT2Runner(
                 model,
                 device,
