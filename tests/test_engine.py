@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
+import time
 
 import pytest
 
@@ -198,3 +201,52 @@ def test_frequency_and_presence_penalties_break_repetition(engine):
         penalized, _ = run(collect(engine, PROMPTS[1], params))
         ids = [t.token_id for t in penalized]
         assert max(ids.count(i) for i in ids) < 5
+
+
+TRICKY_TEXTS = [
+    "In a shocking finding, scientists discovered a herd of unicorns",
+    "",
+    " ",
+    "  leading, trailing  \n\n\t",
+    "<|endoftext|>",
+    "before<|endoftext|>after <|endoftext|>",
+    "日本語 émoji 🤖 naïve — “quotes”",
+    "x" * 5000,
+]
+
+
+@pytest.mark.parametrize("text", TRICKY_TEXTS, ids=range(len(TRICKY_TEXTS)))
+def test_tokenize_equals_the_tokenizers_own_call(engine, tokenizer, text):
+    assert engine.tokenize(text) == tokenizer(text).input_ids
+
+
+def test_tokenize_keeps_the_gil(engine):
+    """The event loop tokenizes every prompt: a call that let go of the GIL would wait to
+    take it back from the engine thread. With forced switches off (a 100 s interval), a
+    thread beside it runs during the call only if the call releases the GIL."""
+    count = 0
+    stop = threading.Event()
+
+    def spin() -> None:
+        nonlocal count
+        while not stop.is_set():
+            count += 1
+            if count % 100 == 0:
+                time.sleep(0)  # lets the main thread in between calls
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    beside = threading.Thread(target=spin)
+    beside.start()
+    try:
+        time.sleep(0.01)
+        ran = []
+        for text in TRICKY_TEXTS:
+            before = count
+            engine.tokenize(text)
+            ran.append(count - before)
+    finally:
+        stop.set()
+        beside.join()
+        sys.setswitchinterval(interval)
+    assert ran == [0] * len(TRICKY_TEXTS)

@@ -29,6 +29,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,17 @@ class _Sink:
     output: SequenceOutput
 
 
+def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """text -> token ids, as `tokenizer(text).input_ids`. For a fast tokenizer, through its
+    Rust tokenizer's `encode`: Hugging Face's call goes through `encode_batch`, which
+    releases the GIL, and the event loop that tokenizes a request's prompt then waits to
+    take it back from the engine thread, up to a whole switch interval per prompt."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return lambda text: tokenizer(text).input_ids
+    return lambda text: backend.encode(text).ids
+
+
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, settings: Settings) -> None:
         self.settings = settings
@@ -117,6 +129,7 @@ class Engine:
         self._detokenizer = detokenizer_factory(tokenizer, self.tokens.visible)
         # Lengths are checked against the context by the engine: no tokenizer warning.
         tokenizer.model_max_length = int(1e30)
+        self._encode = _encoder(tokenizer)
         self.eos_token_id: int | None = model.config.eos_token_id
         self.vocab_size: int = model.config.vocab_size
         device = resolve_device(settings.device)
@@ -183,7 +196,8 @@ class Engine:
     # -- requests ---------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text).input_ids
+        """`tokenizer(text).input_ids`, holding the GIL throughout (`_encoder`)."""
+        return self._encode(text)
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Raises ContextOverflow unless the prompt and its new tokens fit one KV slot."""
