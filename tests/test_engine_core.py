@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import threading
 import time
 
@@ -487,5 +488,20 @@ def test_an_engine_dying_during_a_submission_answers_unavailable(tiny_model, tok
         with pytest.raises(EngineUnavailable, match="the engine thread died"):
             run(_final(eng, OTHER, SamplingParams(max_new_tokens=3)))
         assert eng._sinks == {}
+    finally:
+        eng.shutdown()
+
+
+def test_warm_up_freezes_what_the_process_holds(tiny_model, tokenizer):
+    """After warm-up, the objects made so far are out of the collector's generations: a
+    full collection no longer walks them (and holds the GIL that long)."""
+    eng = make_engine(tiny_model, tokenizer)
+    try:
+        gc.unfreeze()  # whatever an earlier test's warm-up froze
+        assert gc.get_freeze_count() == 0
+        eng.warm_up()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        assert len(gc.get_objects()) < frozen  # the bulk of the heap: the frozen part
     finally:
         eng.shutdown()

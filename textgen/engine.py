@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import threading
@@ -318,7 +319,12 @@ class Engine:
         """Generations through every path before the service says ready: two sequences
         decoding together, one past 128 positions and one constrained (structured output),
         a hole in the slots, then a reused slot (after a cached prefix, with prefix caching).
-        Raises if any of them did not finish normally."""
+        Raises if any of them did not finish normally.
+
+        Then the process's objects so far (torch, transformers, the server's modules, the
+        model's Python objects: they live as long as it does) leave the collector's
+        generations (`gc.freeze`), so that a full collection, which holds the GIL, no longer
+        walks them while requests wait."""
         started = time.perf_counter()
         prompt = self.tokenize("Warm up")
         long_tokens = min(WARM_UP_POSITIONS, self.max_model_len) - len(prompt)
@@ -348,6 +354,8 @@ class Engine:
             if seq.status is not Status.FINISHED_LENGTH:
                 detail = f": {seq.error}" if seq.error else ""
                 raise RuntimeError(f"warm-up generation ended {seq.status.finish_reason}{detail}")
+        gc.collect()
+        gc.freeze()
         logger.info("warm-up took %.2fs", time.perf_counter() - started)
 
     def _wait_finished(self, seqs: list[Sequence]) -> None:
