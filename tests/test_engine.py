@@ -6,6 +6,7 @@ import asyncio
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -220,10 +221,10 @@ def test_tokenize_equals_the_tokenizers_own_call(engine, tokenizer, text):
     assert engine.tokenize(text) == tokenizer(text).input_ids
 
 
-def test_tokenize_keeps_the_gil(engine):
-    """The event loop tokenizes every prompt: a call that let go of the GIL would wait to
-    take it back from the engine thread. With forced switches off (a 100 s interval), a
-    thread beside it runs during the call only if the call releases the GIL."""
+def threads_run_beside(calls: list[Callable[[], object]]) -> list[int]:
+    """For each call: how many steps a thread beside it made while it ran. With forced
+    switches off (a 100 s interval), the other thread runs during a call only if the call
+    releases the GIL; it lets this thread back in between calls (`sleep(0)`)."""
     count = 0
     stop = threading.Event()
 
@@ -232,7 +233,7 @@ def test_tokenize_keeps_the_gil(engine):
         while not stop.is_set():
             count += 1
             if count % 100 == 0:
-                time.sleep(0)  # lets the main thread in between calls
+                time.sleep(0)
 
     interval = sys.getswitchinterval()
     sys.setswitchinterval(100.0)
@@ -241,12 +242,39 @@ def test_tokenize_keeps_the_gil(engine):
     try:
         time.sleep(0.01)
         ran = []
-        for text in TRICKY_TEXTS:
+        for call in calls:
             before = count
-            engine.tokenize(text)
+            call()
             ran.append(count - before)
     finally:
         stop.set()
         beside.join()
         sys.setswitchinterval(interval)
-    assert ran == [0] * len(TRICKY_TEXTS)
+    return ran
+
+
+def test_tokenize_keeps_the_gil(engine, tokenizer):
+    """The event loop tokenizes every prompt: a call that let go of the GIL would wait to
+    take it back from the engine thread."""
+    long = TRICKY_TEXTS[-1]
+    # The harness sees a call that releases it: the Rust tokenizer's encode_batch.
+    assert threads_run_beside([lambda: tokenizer.backend_tokenizer.encode_batch([long])]) != [0]
+    calls = [lambda text=text: engine.tokenize(text) for text in TRICKY_TEXTS]
+    assert threads_run_beside(calls) == [0] * len(TRICKY_TEXTS)
+
+
+def test_tokenize_equals_the_call_whatever_the_call_left_behind(engine, tokenizer):
+    """Hugging Face's call leaves its truncation set on the Rust tokenizer, and reads
+    `split_special_tokens` afresh each time: `tokenize` still equals a plain call."""
+    text = "one two three four five six <|endoftext|> seven"
+    try:
+        tokenizer(text, truncation=True, max_length=3)  # truncation left on the Rust side
+        assert engine.tokenize(text) == tokenizer(text).input_ids
+        tokenizer.split_special_tokens = True
+        split = engine.tokenize(text)
+        assert split == tokenizer(text).input_ids
+        assert 50256 not in split
+    finally:
+        tokenizer.split_special_tokens = False
+        tokenizer("reset")  # a plain call: no truncation, no padding, special tokens whole
+    assert 50256 in engine.tokenize(text)

@@ -13,7 +13,8 @@ logger = logging.getLogger(__name__)
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-HEAP_BLOCK_LIMIT = 1 << 30  # blocks up to 1 GiB come from the heap (`keep_large_blocks`)
+MMAP_THRESHOLD = 1 << 30  # blocks up to this come from a heap (`keep_large_blocks`)
+TRIM_THRESHOLD = 1 << 27  # free memory at the main heap's top kept, not given back
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -57,21 +58,34 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
-def keep_large_blocks(limit: int = HEAP_BLOCK_LIMIT) -> bool:
-    """Serves blocks up to `limit` bytes from glibc's heap, and keeps up to `limit` bytes
-    freed at its top, for the whole process. Returns whether it could (glibc only).
+def keep_large_blocks() -> bool:
+    """Makes glibc serve large blocks from its heaps and keep freed ones for reuse, for the
+    whole process. Returns whether it could (glibc only).
 
     glibc maps each block above its mmap threshold anew (the threshold adapts, but never
     past 32 MiB): every page of it faults on first write and freeing it unmaps it. A step
     on the CPU makes temporaries of (rows, V) float32, past that ceiling from about 170
-    rows (the sampler's (B, V) work, a prompt's logprobs), so each step would map, fault
-    and unmap them again. Kept in the heap, a freed block is reused as it is."""
+    rows (the sampler's (B, V) work), so each step would map, fault and unmap them again.
+    With the mmap threshold at MMAP_THRESHOLD, and the trim threshold at TRIM_THRESHOLD
+    so that a freed block at the top of the heap is not given back at once, a freed block
+    is reused as it is. A thread other than the main one allocates from an arena whose
+    heaps glibc caps at 64 MiB: there, and so on the engine thread, larger blocks are
+    still mapped per use ((rows, V) float32 past about 330 rows)."""
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 (raises AttributeError off glibc: musl, macOS)
     except (OSError, AttributeError):
         return False
-    kept = libc.mallopt(M_MMAP_THRESHOLD, limit) == 1 and libc.mallopt(M_TRIM_THRESHOLD, limit) == 1
-    if not kept:
-        logger.warning("glibc refused mallopt(%d); large blocks stay mapped per use", limit)
-    return kept
+    mallopt = libc.mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    refused = [
+        name
+        for name, param, value in (
+            ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        )
+        if mallopt(param, value) != 1
+    ]
+    if refused:
+        logger.warning("glibc refused mallopt(%s): large blocks may stay mapped per use", refused)
+    return not refused

@@ -114,11 +114,25 @@ def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     """text -> token ids, as `tokenizer(text).input_ids`. For a fast tokenizer, through its
     Rust tokenizer's `encode`: Hugging Face's call goes through `encode_batch`, which
     releases the GIL, and the event loop that tokenizes a request's prompt then waits to
-    take it back from the engine thread, up to a whole switch interval per prompt."""
+    take it back from the engine thread, up to a whole switch interval per prompt.
+
+    Hugging Face's call first resets the Rust tokenizer's truncation, padding and
+    special-token splitting to the call's (none, none, `split_special_tokens`); a call
+    finds them so (nothing here sets them) or goes through Hugging Face's call."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.truncation is not None or backend.padding is not None:
+    if backend is None:
         return lambda text: tokenizer(text).input_ids
-    return lambda text: backend.encode(text).ids
+
+    def encode(text: str) -> list[int]:
+        if (
+            backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == getattr(tokenizer, "split_special_tokens", False)
+        ):
+            return backend.encode(text).ids
+        return tokenizer(text).input_ids
+
+    return encode
 
 
 class Engine:
