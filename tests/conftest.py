@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import subprocess
@@ -188,6 +189,14 @@ LOG_FAILURES = (
     "Exception in ASGI application",
 )
 _watched: list[Server] = []  # servers whose logs must stay clean
+
+
+@pytest.fixture(autouse=True)
+def unfrozen_heap() -> Iterator[None]:
+    """A test's `Engine.warm_up` freezes the heap (`gc.freeze`); frozen objects that become
+    cyclic garbage, a test's engine among them, are collected again after the test."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(autouse=True)

@@ -256,9 +256,11 @@ def threads_run_beside(calls: list[Callable[[], object]]) -> list[int]:
 def test_tokenize_keeps_the_gil(engine, tokenizer):
     """The event loop tokenizes every prompt: a call that let go of the GIL would wait to
     take it back from the engine thread."""
-    long = TRICKY_TEXTS[-1]
-    # The harness sees a call that releases it: the Rust tokenizer's encode_batch.
-    assert threads_run_beside([lambda: tokenizer.backend_tokenizer.encode_batch([long])]) != [0]
+    # The harness sees a call that releases it: the Rust tokenizer's encode_batch, given
+    # long enough (tens of milliseconds) for the other thread to wake.
+    longer = TRICKY_TEXTS[-1] * 10
+    released = [lambda: tokenizer.backend_tokenizer.encode_batch([longer])] * 5
+    assert sum(threads_run_beside(released)) > 0
     calls = [lambda text=text: engine.tokenize(text) for text in TRICKY_TEXTS]
     assert threads_run_beside(calls) == [0] * len(TRICKY_TEXTS)
 

@@ -104,7 +104,8 @@ class Settings:
     max_model_len: int = 0  # positions per sequence (prompt + new tokens); 0: the model's
     memory_utilization: float = 0.9  # share of the memory left after the weights for the cache
     native_kernels: bool = True  # CPU int8 and bf16: one stream decodes with textgen/csrc's kernels
-    # CPU: the process's blocks up to 1 GiB come from the heap (`devices.keep_large_blocks`)
+    # CPU: large blocks come from glibc's heaps, reused, not mapped per use (up to 1 GiB on
+    # the main thread, 64 MiB on others: `devices.keep_large_blocks`)
     heap_large_blocks: bool = True
     prefix_caching: bool = True  # a prompt's prefix already in a KV slot is not computed again
     # Decode at bucketed batch sizes and attended lengths over static buffers (padding

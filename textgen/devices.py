@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30  # blocks up to this come from a heap (`keep_large_blocks`)
-TRIM_THRESHOLD = 1 << 27  # free memory at the main heap's top kept, not given back
+TRIM_THRESHOLD = 1 << 27  # free memory at a heap's top kept, not given back to the system
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -74,7 +74,7 @@ def keep_large_blocks() -> bool:
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 (raises AttributeError off glibc: musl, macOS)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

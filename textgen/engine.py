@@ -211,7 +211,8 @@ class Engine:
     # -- requests ---------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        """`tokenizer(text).input_ids`, holding the GIL throughout (`_encoder`)."""
+        """`tokenizer(text).input_ids`; on the fast path, holding the GIL throughout
+        (`_encoder`)."""
         return self._encode(text)
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -335,10 +336,12 @@ class Engine:
         a hole in the slots, then a reused slot (after a cached prefix, with prefix caching).
         Raises if any of them did not finish normally.
 
-        Then the process's objects so far (torch, transformers, the server's modules, the
-        model's Python objects: they live as long as it does) leave the collector's
-        generations (`gc.freeze`), so that a full collection, which holds the GIL, no longer
-        walks them while requests wait."""
+        Then, after a collection, every object alive leaves the collector's generations
+        (`gc.freeze`): in a served process nearly all of them live as long as it does (torch,
+        transformers, the server's modules, the model's Python objects), and a full
+        collection, which holds the GIL, no longer walks them while requests wait. A frozen
+        object that later becomes cyclic garbage is not collected (`gc.unfreeze` returns them
+        all to the collector)."""
         started = time.perf_counter()
         prompt = self.tokenize("Warm up")
         long_tokens = min(WARM_UP_POSITIONS, self.max_model_len) - len(prompt)
