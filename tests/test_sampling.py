@@ -19,7 +19,7 @@ from transformers import (
 from tests.conftest import hf_greedy, make_engine, run
 from textgen.models import random_gpt2
 from textgen.params import ParamError, SamplingParams
-from textgen.sampling import INVALID, Sampler
+from textgen.sampling import INVALID, NUCLEUS_GUESS, NUCLEUS_WIDE, Sampler
 from textgen.scheduler import Sequence, TokenEvent
 
 V = 64  # a small vocabulary keeps the expected distributions readable
@@ -43,20 +43,24 @@ def fixed_logits() -> torch.Tensor:
 
 
 def frequencies(
-    params: SamplingParams, prompt_ids: list[int], logits: torch.Tensor | None = None
+    params: SamplingParams,
+    prompt_ids: list[int],
+    logits: torch.Tensor | None = None,
+    draws: int = N,
 ) -> torch.Tensor:
-    """How often each token is chosen over N evenly spaced uniform draws: the sampler's
-    distribution to within 1/N."""
+    """How often each token is chosen over `draws` evenly spaced uniform draws: the
+    sampler's distribution to within 1/draws."""
     logits = fixed_logits() if logits is None else logits
-    sampler = Sampler(N, V, torch.device("cpu"), EOS)
+    vocab = logits.shape[-1]
+    sampler = Sampler(draws, vocab, torch.device("cpu"), vocab - 1)
     seqs = []
-    for slot in range(N):
-        seq = Sequence(prompt_ids, params, Uniform((slot + 0.5) / N))
+    for slot in range(draws):
+        seq = Sequence(prompt_ids, params, Uniform((slot + 0.5) / draws))
         seq.slot = slot
         seqs.append(seq)
     sampler.admit(seqs)
-    choices = sampler.choose(logits.repeat(N, 1), seqs)
-    return torch.bincount(torch.tensor(choices[0]), minlength=V) / N
+    choices = sampler.choose(logits.repeat(draws, 1), seqs)
+    return torch.bincount(torch.tensor(choices[0]), minlength=vocab) / draws
 
 
 def transformers_probs(
@@ -117,6 +121,31 @@ def test_top_k_keeps_every_token_tied_with_the_kth_even_past_its_candidates():
     got, expected = frequencies(sp, [0], logits), transformers_probs(sp, [0], logits)
     assert (got > 0).sum() == (expected > 0).sum() == 41
     assert (got - expected).abs().max().item() <= 1 / N + 1e-6
+
+
+def zipf_logits(vocab: int) -> torch.Tensor:
+    """(vocab,) logits whose probabilities fall as 1 / rank, over shuffled ids: of 8,192, a
+    top_p of 0.7 keeps about 470 tokens, past NUCLEUS_GUESS; 0.95 about 5,000 and 0.99
+    about 7,400, past NUCLEUS_WIDE."""
+    ranks = torch.randperm(vocab, generator=torch.Generator().manual_seed(1)) + 1
+    return -ranks.double().log().float()
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"),
+    [
+        (0.7, range(NUCLEUS_GUESS + 1, NUCLEUS_WIDE)),  # 256, then NUCLEUS_WIDE candidates
+        (0.95, range(NUCLEUS_WIDE, 8192)),  # 256, NUCLEUS_WIDE, then all
+        (0.99, range(NUCLEUS_WIDE, 8193)),  # 256, then all: its bound rules out the middle
+    ],
+)
+def test_a_nucleus_wider_than_the_candidates_is_drawn_from_exactly(top_p, kept):
+    logits = zipf_logits(8192)
+    sp = SamplingParams(do_sample=True, top_p=top_p)
+    got, expected = frequencies(sp, [0], logits, draws=2000), transformers_probs(sp, [0], logits)
+    assert int((expected > 0).sum()) in kept  # the nucleus takes the path named
+    assert (got - expected).abs().max().item() <= 1 / 2000 + 1e-6
+    assert set(got.nonzero()[:, 0].tolist()) <= set(expected.nonzero()[:, 0].tolist())
 
 
 BF16_LOGITS = (torch.randn(50257, generator=torch.Generator().manual_seed(0)) * 3 - 100).bfloat16()

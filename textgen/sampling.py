@@ -35,8 +35,15 @@ from textgen.params import SamplingParams
 from textgen.scheduler import PromptLogprob, Sequence, TopLogprobs
 
 INVALID = -1  # the token of a row whose model logits are not finite
-# Candidates taken for top-p without top-k; a row whose nucleus is wider sorts all.
+# Candidates taken for top-p without top-k. A row whose nucleus (or whose run of ties with
+# its k-th) is wider is drawn again over NUCLEUS_WIDE, then over the whole sorted vocabulary:
+# a top-k of a few thousand costs a fraction of a full sort on the CPU.
 NUCLEUS_GUESS = 256
+NUCLEUS_WIDE = 4096
+# A row goes to NUCLEUS_WIDE only when the candidates it needs at least (a bound that takes
+# the tail as flat as its most likely token, `_draw_group`) are at most 1 / WIDE_MARGIN of
+# them: a tail's probabilities fall, so a nucleus needs several times the bound.
+WIDE_MARGIN = 4
 TIE_ROOM = 64  # candidates beyond top_k for ties with the k-th (bf16 logits tie often)
 
 
@@ -207,7 +214,8 @@ class Sampler:
         Rows are grouped by how many candidates they take (`_width`), which depends on
         the row alone, one topk per group: so a seed draws the same token alone or
         batched, even where logits tie (bfloat16). A row the group's width was too
-        narrow for is drawn again, with the same uniform, over the sorted vocabulary.
+        narrow for is drawn again, with the same uniform, over NUCLEUS_WIDE candidates, and
+        past those over the sorted vocabulary.
         """
         temperature = torch.tensor([s.params.temperature for s in seqs], device=self.device)
         u = torch.tensor([s.rng.random() for s in seqs], device=self.device)  # (R,)
@@ -224,11 +232,13 @@ class Sampler:
             if width == 0:  # neither top-k nor top-p
                 out[rows] = self._draw_whole(*args, group_seqs)
                 continue
-            tokens, too_narrow = self._draw_group(*args, group_seqs, width)
+            tokens, needed = self._draw_group(*args, group_seqs, width)
             out[rows] = tokens
-            if width < self.vocab_size and bool(too_narrow.any()):  # a host sync
-                wider = [i for i, short in zip(group, too_narrow.tolist(), strict=True) if short]
-                groups.setdefault(self.vocab_size, []).extend(wider)
+            if width < self.vocab_size and bool((needed > width).any()):  # a host sync
+                for i, n in zip(group, needed.tolist(), strict=True):
+                    if n > width:  # NUCLEUS_WIDE when likely enough (`WIDE_MARGIN`), else all
+                        wide = width < NUCLEUS_WIDE and n * WIDE_MARGIN <= NUCLEUS_WIDE
+                        groups.setdefault(NUCLEUS_WIDE if wide else self.vocab_size, []).append(i)
         return out
 
     def _width(self, params: SamplingParams) -> int:
@@ -255,9 +265,12 @@ class Sampler:
         seqs: list[Sequence],
         width: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, V) logits, (G,), (G,) -> (G,) ids, and (G,) whether `width` candidates
-        were too few for a row: its nucleus (top-p alone) or the tokens tied with its k-th
-        go past them. Those rows are drawn again over the whole sorted vocabulary."""
+        """(G, V) logits, (G,), (G,) -> (G,) ids, and (G,) how many candidates each row
+        needs at least: `width` where they were enough, more where its nucleus (top-p
+        alone) or the tokens tied with its k-th go past them. A nucleus short of top_p by
+        m after candidates whose last has probability q needs at least m / q more (no
+        token past them is more likely); a run of ties, one more. Such rows are drawn
+        again over more candidates (`_sample`)."""
         vocab = self.vocab_size
         temperature = temperature[:, None]  # (G, 1)
         if width < vocab:
@@ -283,14 +296,15 @@ class Sampler:
             whole = _finite(x / temperature).log_softmax(dim=-1).gather(1, ids).exp()
             probs = torch.where(nucleus_only, whole, probs)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=self.device)[:, None]
-        too_narrow = nucleus_only & (probs.sum(dim=-1, keepdim=True) < top_p)
+        short_by = top_p - probs.sum(dim=-1, keepdim=True)  # (G, 1)
+        too_narrow = nucleus_only & (short_by > 0)
+        more = torch.where(too_narrow, (short_by / probs[:, -1:]).ceil().clamp(1, vocab), 0)
+        needed = (width + torch.where(ties_beyond, 1, more)).clamp(max=vocab).long()  # (G, 1)
         mass_before = probs.cumsum(dim=-1) - probs
         rank = torch.arange(width, device=self.device)
         cut = (mass_before >= top_p) & (top_p < 1) & (rank > 0)  # the best always stays
         probs = self._min_p(probs.masked_fill(cut, 0), seqs)
-        return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0], (too_narrow | ties_beyond)[
-            :, 0
-        ]
+        return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0], needed[:, 0]
 
     def _min_p(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Drops tokens below min_p x the best token's probability (rows with min_p > 0)."""
