@@ -132,20 +132,50 @@ def zipf_logits(vocab: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("top_p", "kept"),
+    ("top_p", "kept", "widths"),
     [
-        (0.7, range(NUCLEUS_GUESS + 1, NUCLEUS_WIDE)),  # 256, then NUCLEUS_WIDE candidates
-        (0.95, range(NUCLEUS_WIDE, 8192)),  # 256, NUCLEUS_WIDE, then all
-        (0.99, range(NUCLEUS_WIDE, 8193)),  # 256, then all: its bound rules out the middle
+        (0.7, range(NUCLEUS_GUESS + 1, NUCLEUS_WIDE), [NUCLEUS_GUESS, NUCLEUS_WIDE]),
+        (0.95, range(NUCLEUS_WIDE, 8192), [NUCLEUS_GUESS, NUCLEUS_WIDE, 8192]),
+        (0.99, range(NUCLEUS_WIDE, 8193), [NUCLEUS_GUESS, 8192]),  # its bound skips the middle
     ],
 )
-def test_a_nucleus_wider_than_the_candidates_is_drawn_from_exactly(top_p, kept):
+def test_a_nucleus_wider_than_the_candidates_is_drawn_from_exactly(
+    monkeypatch, top_p, kept, widths
+):
+    taken = []
+    draw_group = Sampler._draw_group
+
+    def recorded(self, x, temperature, u, seqs, width):
+        taken.append(width)
+        return draw_group(self, x, temperature, u, seqs, width)
+
+    monkeypatch.setattr(Sampler, "_draw_group", recorded)
     logits = zipf_logits(8192)
     sp = SamplingParams(do_sample=True, top_p=top_p)
     got, expected = frequencies(sp, [0], logits, draws=2000), transformers_probs(sp, [0], logits)
-    assert int((expected > 0).sum()) in kept  # the nucleus takes the path named
+    assert int((expected > 0).sum()) in kept
+    assert taken == widths
     assert (got - expected).abs().max().item() <= 1 / 2000 + 1e-6
     assert set(got.nonzero()[:, 0].tolist()) <= set(expected.nonzero()[:, 0].tolist())
+
+
+@pytest.mark.parametrize(
+    ("params", "tied"),
+    [
+        (dict(top_p=0.9), False),  # a nearly flat row: its nucleus runs past 256
+        (dict(top_k=100), True),  # ties with the 100th run past its 164 candidates
+    ],
+    ids=str,
+)
+def test_a_vocabulary_smaller_than_the_wide_candidates_draws_over_all_of_it(params, tied):
+    if tied:
+        logits = torch.zeros(1000)
+        logits[:10] = 1.0
+    else:
+        logits = torch.randn(1000, generator=torch.Generator().manual_seed(2)) * 0.1
+    sp = SamplingParams(do_sample=True, **params)
+    got, expected = frequencies(sp, [0], logits, draws=2000), transformers_probs(sp, [0], logits)
+    assert (got - expected).abs().max().item() <= 1 / 2000 + 1e-6
 
 
 BF16_LOGITS = (torch.randn(50257, generator=torch.Generator().manual_seed(0)) * 3 - 100).bfloat16()

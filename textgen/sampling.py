@@ -237,7 +237,8 @@ class Sampler:
             if width < self.vocab_size and bool((needed > width).any()):  # a host sync
                 for i, n in zip(group, needed.tolist(), strict=True):
                     if n > width:  # NUCLEUS_WIDE when likely enough (`WIDE_MARGIN`), else all
-                        wide = width < NUCLEUS_WIDE and n * WIDE_MARGIN <= NUCLEUS_WIDE
+                        wide = width < NUCLEUS_WIDE < self.vocab_size
+                        wide = wide and n * WIDE_MARGIN <= NUCLEUS_WIDE
                         groups.setdefault(NUCLEUS_WIDE if wide else self.vocab_size, []).append(i)
         return out
 
