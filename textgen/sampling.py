@@ -235,10 +235,10 @@ class Sampler:
             tokens, needed = self._draw_group(*args, group_seqs, width)
             out[rows] = tokens
             if width < self.vocab_size and bool((needed > width).any()):  # a host sync
+                can_widen = width < NUCLEUS_WIDE < self.vocab_size
                 for i, n in zip(group, needed.tolist(), strict=True):
                     if n > width:  # NUCLEUS_WIDE when likely enough (`WIDE_MARGIN`), else all
-                        wide = width < NUCLEUS_WIDE < self.vocab_size
-                        wide = wide and n * WIDE_MARGIN <= NUCLEUS_WIDE
+                        wide = can_widen and n * WIDE_MARGIN <= NUCLEUS_WIDE
                         groups.setdefault(NUCLEUS_WIDE if wide else self.vocab_size, []).append(i)
         return out
 
