@@ -159,6 +159,24 @@ def test_a_nucleus_wider_than_the_candidates_is_drawn_from_exactly(
     assert set(got.nonzero()[:, 0].tolist()) <= set(expected.nonzero()[:, 0].tolist())
 
 
+def test_ties_past_a_wide_top_k_are_drawn_over_the_wide_candidates(monkeypatch):
+    """3,000 tokens tie with the 1,000th: past the row's 1,064 candidates, within 4,096."""
+    taken = []
+    draw_group = Sampler._draw_group
+
+    def recorded(self, x, temperature, u, seqs, width):
+        taken.append(width)
+        return draw_group(self, x, temperature, u, seqs, width)
+
+    monkeypatch.setattr(Sampler, "_draw_group", recorded)
+    logits = torch.zeros(8192)
+    logits[:3000] = 1.0
+    sp = SamplingParams(do_sample=True, top_k=1000)
+    got, expected = frequencies(sp, [0], logits, draws=2000), transformers_probs(sp, [0], logits)
+    assert taken == [1000 + 64, NUCLEUS_WIDE]
+    assert (got - expected).abs().max().item() <= 1 / 2000 + 1e-6
+
+
 @pytest.mark.parametrize(
     ("params", "tied"),
     [

@@ -343,6 +343,12 @@ class Engine:
         object that later becomes cyclic garbage is not collected (`gc.unfreeze` returns them
         all to the collector)."""
         started = time.perf_counter()
+        self._warm_up_generations()  # its sequences, grammar and outputs die with its frame
+        gc.collect()
+        gc.freeze()
+        logger.info("warm-up took %.2fs", time.perf_counter() - started)
+
+    def _warm_up_generations(self) -> None:
         prompt = self.tokenize("Warm up")
         long_tokens = min(WARM_UP_POSITIONS, self.max_model_len) - len(prompt)
         short = SamplingParams(max_new_tokens=4, min_new_tokens=4)
@@ -371,9 +377,6 @@ class Engine:
             if seq.status is not Status.FINISHED_LENGTH:
                 detail = f": {seq.error}" if seq.error else ""
                 raise RuntimeError(f"warm-up generation ended {seq.status.finish_reason}{detail}")
-        gc.collect()
-        gc.freeze()
-        logger.info("warm-up took %.2fs", time.perf_counter() - started)
 
     def _wait_finished(self, seqs: list[Sequence]) -> None:
         while not all(seq.status.finished for seq in seqs):
@@ -664,9 +667,9 @@ _UNANSWERED = (Status.FAILED, Status.CANCELLED)
 class HeldEvents:
     """A queue whose reader wants all of it: the events of `pending` sequences are held
     (in the order `SequenceOutput` puts them) until every sequence has finished, or one
-    has failed or been cancelled (its request answers with that at once and cancels the
-    others); from then on they pass straight through. Its reader wakes once, not at
-    each token."""
+    has failed or been cancelled; from then on they pass straight through (a failure's
+    request answers with the error at once and cancels the others). Its reader wakes
+    once while all goes well, not at each token."""
 
     def __init__(self, pending: int) -> None:
         self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()

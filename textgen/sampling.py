@@ -40,9 +40,10 @@ INVALID = -1  # the token of a row whose model logits are not finite
 # a top-k of a few thousand costs a fraction of a full sort on the CPU.
 NUCLEUS_GUESS = 256
 NUCLEUS_WIDE = 4096
-# A row goes to NUCLEUS_WIDE only when the candidates it needs at least (a bound that takes
-# the tail as flat as its most likely token, `_draw_group`) are at most 1 / WIDE_MARGIN of
-# them: a tail's probabilities fall, so a nucleus needs several times the bound.
+# A nucleus row goes to NUCLEUS_WIDE only when the candidates it needs at least (a bound that
+# takes the tail as flat as its most likely token, `_draw_group`) are at most 1 / WIDE_MARGIN
+# of them: a tail's probabilities fall, so a nucleus needs several times the bound. A row
+# whose ties with its k-th passed its candidates goes there whenever they are fewer.
 WIDE_MARGIN = 4
 TIE_ROOM = 64  # candidates beyond top_k for ties with the k-th (bf16 logits tie often)
 
@@ -232,13 +233,13 @@ class Sampler:
             if width == 0:  # neither top-k nor top-p
                 out[rows] = self._draw_whole(*args, group_seqs)
                 continue
-            tokens, needed = self._draw_group(*args, group_seqs, width)
+            tokens, wanted = self._draw_group(*args, group_seqs, width)
             out[rows] = tokens
-            if width < self.vocab_size and bool((needed > width).any()):  # a host sync
+            if wanted is not None:
                 can_widen = width < NUCLEUS_WIDE < self.vocab_size
-                for i, n in zip(group, needed.tolist(), strict=True):
-                    if n > width:  # NUCLEUS_WIDE when likely enough (`WIDE_MARGIN`), else all
-                        wide = can_widen and n * WIDE_MARGIN <= NUCLEUS_WIDE
+                for i, n in zip(group, wanted.tolist(), strict=True):
+                    if n > width:  # NUCLEUS_WIDE when likely enough, else all
+                        wide = can_widen and n <= NUCLEUS_WIDE
                         groups.setdefault(NUCLEUS_WIDE if wide else self.vocab_size, []).append(i)
         return out
 
@@ -265,13 +266,14 @@ class Sampler:
         u: torch.Tensor,
         seqs: list[Sequence],
         width: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, V) logits, (G,), (G,) -> (G,) ids, and (G,) how many candidates each row
-        needs at least: `width` where they were enough, more where its nucleus (top-p
-        alone) or the tokens tied with its k-th go past them. A nucleus short of top_p by
-        m after candidates whose last has probability q needs at least m / q more (no
-        token past them is more likely); a run of ties, one more. Such rows are drawn
-        again over more candidates (`_sample`)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(G, V) logits, (G,), (G,) -> (G,) ids, and None when `width` candidates were
+        enough for every row, else (G,) how many each row likely wants: `width` where they
+        were enough, more where its nucleus (top-p alone) or the tokens tied with its k-th
+        go past them. A nucleus short of top_p by m after candidates whose last has
+        probability q needs at least m / q more (no token past them is more likely), and
+        likely WIDE_MARGIN times its width and those; a run of ties, one more. Such rows
+        are drawn again over more candidates (`_sample`)."""
         vocab = self.vocab_size
         temperature = temperature[:, None]  # (G, 1)
         if width < vocab:
@@ -299,13 +301,17 @@ class Sampler:
         top_p = torch.tensor([s.params.top_p for s in seqs], device=self.device)[:, None]
         short_by = top_p - probs.sum(dim=-1, keepdim=True)  # (G, 1)
         too_narrow = nucleus_only & (short_by > 0)
-        more = torch.where(too_narrow, (short_by / probs[:, -1:]).ceil().clamp(1, vocab), 0)
-        needed = (width + torch.where(ties_beyond, 1, more)).clamp(max=vocab).long()  # (G, 1)
+        least = probs[:, -1:]  # (G, 1) the least likely candidate
         mass_before = probs.cumsum(dim=-1) - probs
         rank = torch.arange(width, device=self.device)
         cut = (mass_before >= top_p) & (top_p < 1) & (rank > 0)  # the best always stays
         probs = self._min_p(probs.masked_fill(cut, 0), seqs)
-        return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0], needed[:, 0]
+        tokens = ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0]
+        if width >= vocab or not bool((too_narrow | ties_beyond).any()):  # a host sync
+            return tokens, None
+        nucleus = (width + (short_by / least).ceil().clamp(1, vocab)) * WIDE_MARGIN
+        wanted = torch.where(too_narrow, nucleus, width + torch.where(ties_beyond, 1, 0))
+        return tokens, wanted.clamp(max=vocab).long()[:, 0]
 
     def _min_p(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Drops tokens below min_p x the best token's probability (rows with min_p > 0)."""
