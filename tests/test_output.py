@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import random
 
 import pytest
@@ -159,6 +160,30 @@ def test_byte_level_detokenizer_equals_the_tokenizers_decode(tokenizer):
         detok = make()
         pieces = [detok.add(i) for i in ids]
         assert "".join(pieces) + detok.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_byte_level_pieces_are_a_plain_utf8_decoders_token_by_token(tokenizer):
+    """The looked-up text of whole tokens changes no piece: each token adds what an
+    incremental UTF-8 decoder (with replacement) fed every token's bytes returns, also
+    right after a character split across tokens, an invalid byte and EOS."""
+    table = TokenTable(tokenizer, 50257)
+    make = detokenizer_factory(tokenizer, table.visible)
+    rng = random.Random(1)
+    split = tokenizer("日本語 🤖 ü").input_ids
+    cases = [
+        split,
+        [0xAB, 220, 0xF0, 0x9E, 50256, 220, 262],
+        *([*split[:k], 262, 50256, 220] for k in range(len(split))),
+    ]
+    cases += [[rng.randrange(50257) for _ in range(60)] for _ in range(30)]
+    looked_up = 0
+    for ids in cases:
+        detok, plain = make(), codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for i in ids:
+            looked_up += not detok._partial and table.visible[i].isascii()
+            assert detok.add(i) == plain.decode(table.visible[i]), ids
+        assert detok.flush() == plain.decode(b"", final=True)
+    assert looked_up > 1000  # the lookup path ran, not only the decoder
 
 
 def test_a_tokenizer_that_cleans_up_spaces_is_decoded_by_itself(tokenizer):

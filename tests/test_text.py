@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from textgen.text import Detokenizer, StopMatcher
@@ -59,3 +61,44 @@ def test_stop_matcher_flush_releases_a_held_tail_at_the_end():
     assert m.push("go ST") == "go "
     assert m.flush() == "ST"
     assert m.matched is None
+
+
+def shown_of(stop: tuple[str, ...], keep: bool, text: str) -> tuple[str, str | None]:
+    """What a client may see of `text` when generation has made it (so far): up to the
+    earliest stop sequence (through it, with `keep`), else all but the longest suffix
+    that could still begin one."""
+    hits = [(text.find(s), s) for s in stop if s in text]
+    if hits:
+        start, matched = min(hits)
+        return text[: start + len(matched) if keep else start], matched
+    held = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[: len(text) - held], None
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_stop_matcher_shows_what_the_whole_text_allows_at_every_piece(keep):
+    """Random texts over three letters, random stop sequences and random cuts into
+    pieces (empty ones too): after each push, all that was shown is what the text so far
+    allows, and at the end (flush) the text up to a match, or all of it."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        stop = tuple(
+            "".join(rng.choices("ab\n", k=rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
+        )
+        text = "".join(rng.choices("ab\n", k=rng.randint(0, 24)))
+        cuts = sorted(rng.choices(range(len(text) + 1), k=rng.randint(0, 8)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        m = StopMatcher(stop, keep=keep)
+        shown, made, matched = "", "", None
+        for piece in pieces:
+            shown += m.push(piece)
+            made += piece
+            expected, matched = shown_of(stop, keep, made)
+            assert (shown, m.matched) == (expected, matched), (stop, pieces)
+            if matched is not None:
+                break
+        if matched is None:
+            shown += m.flush()
+            assert shown == text, (stop, pieces)
+        else:
+            assert m.push("a") == "" and m.flush() == "" and shown == expected

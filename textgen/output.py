@@ -71,18 +71,45 @@ class ByteLevelDetokenizer:
     """Incremental text of a byte-level BPE (GPT-2): each token is a run of bytes, the
     text is their UTF-8 decoding with replacement, held back while a character is
     partial. `pieces[id]` is the bytes token `id` adds (b"" for special tokens, which
-    `skip_special_tokens` drops). Equal to `tokenizer.decode(ids, skip_special_tokens=True)`
-    for tokenizers that clean up no spaces (tests/test_output.py holds it)."""
+    `skip_special_tokens` drops); `texts[id]` is their text where they are whole UTF-8
+    characters, else None (`whole_texts`). Equal to
+    `tokenizer.decode(ids, skip_special_tokens=True)` for tokenizers that clean up no
+    spaces (tests/test_output.py holds it).
 
-    def __init__(self, pieces: list[bytes]) -> None:
+    Invariant: `_partial` is True exactly when the UTF-8 decoder holds bytes of an
+    unfinished character. While it holds none, a token whose bytes are whole characters
+    adds exactly their text and leaves it holding none, so that text is looked up, not
+    decoded (most tokens of most text)."""
+
+    def __init__(self, pieces: list[bytes], texts: list[str | None]) -> None:
         self._pieces = pieces
+        self._texts = texts
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = False
 
     def add(self, token_id: int) -> str:
-        return self._utf8.decode(self._pieces[token_id])
+        if not self._partial:
+            text = self._texts[token_id]
+            if text is not None:
+                return text
+        text = self._utf8.decode(self._pieces[token_id])
+        self._partial = bool(self._utf8.getstate()[0])
+        return text
 
     def flush(self) -> str:
+        self._partial = False
         return self._utf8.decode(b"", final=True)
+
+
+def whole_texts(pieces: list[bytes]) -> list[str | None]:
+    """Each piece's text where its bytes are whole UTF-8 characters, else None."""
+    texts: list[str | None] = []
+    for piece in pieces:
+        try:
+            texts.append(piece.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(None)
+    return texts
 
 
 def detokenizer_factory(tokenizer: Any, visible: list[bytes]) -> Callable[[], Any]:
@@ -91,7 +118,8 @@ def detokenizer_factory(tokenizer: Any, visible: list[bytes]) -> Callable[[], An
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     byte_level = type(decoder).__name__ == "ByteLevel"
     if byte_level and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return lambda: ByteLevelDetokenizer(visible)
+        texts = whole_texts(visible)
+        return lambda: ByteLevelDetokenizer(visible, texts)
     return lambda: Detokenizer(tokenizer)
 
 
@@ -113,7 +141,7 @@ class SequenceOutput:
         self.label = label  # the requests metric's `route` label
         self.params: SamplingParams = seq.params
         self.prompt_tokens = len(seq.prompt_ids)
-        self.text = ""
+        self.pieces: list[str] = []  # the text shown so far, a piece per token (joined once)
         self.tokens = 0  # output tokens taken, the one that ended it included
         self.finished = False
         self.last_token_time: float | None = None
@@ -145,7 +173,7 @@ class SequenceOutput:
             by_token = status if k == last and status in _BY_TOKEN else None
             piece, ended = self._piece(token_id, by_token)
             self.tokens += 1
-            self.text += piece
+            self.pieces.append(piece)
             logprob, top = logprobs[k] if logprobs is not None else (None, ())
             put((request_id, TokenEvent(token_id, piece, logprob, top, prompt_logprobs)))
             prompt_logprobs = None
@@ -212,7 +240,8 @@ class SequenceOutput:
         param: str | None = None,
     ) -> None:
         self.finished = True
-        event = FinishEvent(status, self.text, self.prompt_tokens, self.tokens, error)
+        text = "".join(self.pieces)
+        event = FinishEvent(status, text, self.prompt_tokens, self.tokens, error)
         event = replace(
             event, cached_tokens=cached_tokens, prompt_logprobs=prompt_logprobs, param=param
         )

@@ -58,7 +58,10 @@ class Status(enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though nothing changes one once made: one is made per token on the event
+# loop, and a frozen dataclass's __init__ (object.__setattr__ per field) costs four times
+# a plain one's.
+@dataclass(slots=True)
 class TokenEvent:
     token_id: int
     text: str  # text this token made safe to show; '' while held back

@@ -52,56 +52,55 @@ class Detokenizer:
 
 
 class StopMatcher:
-    """Matches stop sequences on decoded text.
+    """Matches stop sequences (non-empty: SamplingParams holds it) on decoded text.
 
-    Invariant: `text[:emitted]` was shown to the client and contains no stop
-    sequence, and no suffix of it that could begin one was shown (that suffix is
-    held back), so a match can only start at or after `emitted`. With `keep`, the
-    matched stop sequence itself is shown last (vLLM's include_stop_str_in_output).
+    Invariant: the text shown to the client contains no stop sequence, and no suffix of
+    it could begin one: such a suffix is held back in `_pending`, the text pushed and
+    not yet shown. So a match can only start in `_pending`, which is never longer than
+    the longest stop sequence plus the last piece pushed. With `keep`, the matched stop
+    sequence itself is shown last (vLLM's include_stop_str_in_output).
     """
 
     def __init__(self, stop: tuple[str, ...], keep: bool = False) -> None:
         self._stop = stop
         self._keep = keep
-        self._text = ""
-        self._emitted = 0
+        self._pending = ""
         self.matched: str | None = None
 
     def push(self, piece: str) -> str:
         """Adds decoded text; returns the part that is safe to show now."""
         if self.matched is not None:
             return ""
-        self._text += piece
         if not self._stop:
-            return self._emit(len(self._text))
-        hits = [(i, s) for s in self._stop if (i := self._text.find(s, self._emitted)) >= 0]
+            return piece
+        text = self._pending + piece
+        hits = [(i, s) for s in self._stop if (i := text.find(s)) >= 0]
         if hits:
             start, self.matched = min(hits)
-            end = start + len(self.matched) if self._keep else start
-            out = self._emit(end)
-            self._text = self._text[:end]
-            return out
-        return self._emit(len(self._text) - self._held_back())
+            self._pending = ""
+            return text[: start + len(self.matched) if self._keep else start]
+        shown = len(text) - self._held_back(text)
+        self._pending = text[shown:]
+        return text[:shown]
 
     def flush(self) -> str:
         """At the end of generation the held-back tail can no longer match: show it."""
-        return self._emit(len(self._text))
+        pending, self._pending = self._pending, ""
+        return pending
 
-    def _held_back(self) -> int:
-        """Length of the longest unshown suffix that is a proper prefix of a stop sequence."""
-        pending = self._text[self._emitted :]
-        longest = 0
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop
+        sequence. Such a suffix starts with the sequence's first character, within its
+        last len(sequence) - 1 characters: only those places are tried."""
+        n, longest = len(text), 0
         for s in self._stop:
-            for n in range(min(len(s) - 1, len(pending)), longest, -1):
-                if pending.endswith(s[:n]):
-                    longest = n
+            i = text.find(s[0], max(n - len(s) + 1, 0))
+            while i >= 0 and n - i > longest:
+                if s.startswith(text[i:]):
+                    longest = n - i
                     break
+                i = text.find(s[0], i + 1)
         return longest
-
-    def _emit(self, end: int) -> str:
-        out = self._text[self._emitted : end]
-        self._emitted = max(self._emitted, end)
-        return out
 
 
 class TokenTable:
