@@ -133,8 +133,12 @@ class EventStreamResponse(StreamingResponse):
             await self.events.aclose()  # cancels only what has not finished
 
 
+# json.dumps with any argument not its default builds a new encoder per call.
+_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {_JSON.encode(payload)}\n\n"
 
 
 async def generate_stream(
