@@ -1,32 +1,34 @@
-"""Where the engine core runs: what a busy front end costs it from a thread of its own
-process (sharing the GIL, as the server's event loop does) or from a process of its own.
+"""Where the engine core runs: the front end's work per token done on the engine's event
+loop (sharing the engine thread's GIL, as the server does) or in a process of its own.
 
-    python bench/gil_share.py [--models tiny int8 bf16] [--busy 0.25] [--burst-ms 1]
+    python bench/gil_share.py [--models tiny int8 bf16] [--work-us 40] [--repeats 2]
 
-The engine runs in this process (built as bench/http_overhead.py builds it, with the same
-settings), under a closed loop of `--clients` clients that read their responses whole, so
-that the event loop itself does little. Beside it a burner stands in for the server's front
-end (HTTP, the output side): runs of pure Python `--burst-ms` long, then sleep, keeping
-`--busy` of one core busy. Three ways, alternated `--repeats` times:
-- none: no burner;
-- thread: the burner on a thread of this process: while it runs it holds the GIL, which the
-  engine thread must take back after every torch op, as the server's event loop does today;
-- process: the burner in a process of its own (vLLM's EngineCoreProc split: the front end
-  keeps none of the engine's GIL, but shares the 2 cores all the same).
+The engine runs in this process (built as bench/http_overhead.py builds it, same settings)
+under a closed loop of `--clients` clients that stream their responses, reading each token
+as it comes. A server's front end does more per token than these clients (an SSE event
+through the middleware and a socket write, about 40 µs of CPU more on this machine's
+tiny-model profiles), and does it when a step's tokens arrive. Each way adds `--work-us`
+of pure Python per token read, at that moment:
+- none: nothing added;
+- thread: on the event loop itself, holding the GIL the engine thread needs for its next
+  step's host work and after every torch op, as the server's front end does today;
+- process: in a burner process of its own, told of each token by a byte down a pipe
+  (vLLM's EngineCoreProc split: the front end holds none of the engine's GIL, and shares
+  only the cores). This is the split's best case: it adds no serialization of requests
+  and outputs between the two processes, only the pipe's write per token.
+- process-nice: the same at nice 19.
 
-Prints each run's tok/s and the share of a core the burner really kept busy; then a table
-of the fastest run of each way. If `process` is well above `thread` at the same busy share,
-moving the engine core to its own process pays; if both are near each other, the cores,
-not the GIL, are what the front end takes from the model.
+Prints each run's tok/s and the share of one core the added work took, then a table of
+every run of each way.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,70 +43,61 @@ from http_overhead import configs, in_process, settings_of
 from textgen.engine import Engine, ModelInfo
 from textgen.models import gpt2_tokenizer, random_gpt2
 
-# Pure Python for `burst` seconds, then sleep, until stdin closes (the process way) or
-# `stop` is set (the thread way); the same code runs both ways.
+WAYS = ("none", "thread", "process", "process-nice")
+NICE = 19
+# The burner process: `work` seconds of pure Python for every byte read, until EOF.
 BURNER = """
-import os, sys, threading, time
-def burn(busy, burst, stopped, nice=0):
-    if nice:  # this thread only (Linux: a thread's own niceness)
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    period = burst / busy
-    while not stopped():
-        started = time.perf_counter()
-        x = 0
-        while time.perf_counter() - started < burst:
-            for i in range(100):
-                x += i
-        time.sleep(max(0.0, period - (time.perf_counter() - started)))
+import os, sys, time
+work = float(sys.argv[1])
+if int(sys.argv[2]):
+    os.nice(int(sys.argv[2]))
+while chunk := os.read(0, 4096):
+    until = time.perf_counter() + work * len(chunk)
+    while time.perf_counter() < until:
+        for i in range(20):
+            pass
 """
-PROCESS_MAIN = """
-import threading
-done = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-burn(float(sys.argv[1]), float(sys.argv[2]), done.is_set, int(sys.argv[3]))
-"""
-WAYS = ("none", "thread", "process", "thread-nice", "process-nice")
-NICE = 19  # the -nice ways: the burner at the lowest priority
 
 
-def with_burner(
-    way: str, busy: float, burst: float, run: Callable[[], float]
+def burn(seconds: float) -> None:
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        for _ in range(20):
+            pass
+
+
+def with_work(
+    way: str, work: float, run: Callable[[Callable[[], None] | None], float]
 ) -> tuple[float, float]:
-    """(tok/s of `run`, the share of one core the burner kept busy meanwhile)."""
+    """(tok/s of `run(on_token)`, the share of one core the added work took)."""
     if way == "none":
-        return run(), 0.0
-    nice = NICE if way.endswith("-nice") else 0
-    if way.startswith("process"):
-        code = BURNER + PROCESS_MAIN
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(busy), str(burst), str(nice)], stdin=subprocess.PIPE
-        )
-        burner = psutil.Process(proc.pid)
-        time.sleep(0.5)  # started and burning
-        before, started = sum(burner.cpu_times()[:2]), time.perf_counter()
-        tok_s = run()
-        busy_share = (sum(burner.cpu_times()[:2]) - before) / (time.perf_counter() - started)
-        proc.stdin.close()  # type: ignore[union-attr]
-        proc.wait()
-        return tok_s, busy_share
-    scope: dict = {}
-    exec(BURNER, scope)  # the burner's code, above
-    stop = threading.Event()
-    cpu: list[float] = []
+        return run(None), 0.0
+    if way == "thread":
+        spent = 0.0
 
-    def thread() -> None:
-        started = time.thread_time()
-        scope["burn"](busy, burst, stop.is_set, nice)
-        cpu.append(time.thread_time() - started)
+        def on_token() -> None:
+            nonlocal spent
+            started = time.thread_time()
+            burn(work)
+            spent += time.thread_time() - started
 
-    worker = threading.Thread(target=thread, name="burner")
-    worker.start()
-    started = time.perf_counter()
-    tok_s = run()
-    wall = time.perf_counter() - started
-    stop.set()
-    worker.join()
-    return tok_s, cpu[0] / wall
+        started = time.perf_counter()
+        tok_s = run(on_token)
+        return tok_s, spent / (time.perf_counter() - started)
+    nice = NICE if way == "process-nice" else 0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BURNER, str(work), str(nice)], stdin=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    fd = proc.stdin.fileno()
+    burner = psutil.Process(proc.pid)
+    time.sleep(0.3)  # started
+    before, started = sum(burner.cpu_times()[:2]), time.perf_counter()
+    tok_s = run(lambda: os.write(fd, b"t"))
+    share = (sum(burner.cpu_times()[:2]) - before) / (time.perf_counter() - started)
+    proc.stdin.close()
+    proc.wait()
+    return tok_s, share
 
 
 def main() -> None:
@@ -112,8 +105,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "int8", "bf16"])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=0, help="requests per client; 0: per model")
-    parser.add_argument("--busy", type=float, default=0.25, help="share of one core burned")
-    parser.add_argument("--burst-ms", type=float, default=1.0)
+    parser.add_argument("--work-us", type=float, default=40.0, help="added per token read")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     args = parser.parse_args()
@@ -123,34 +115,34 @@ def main() -> None:
     for name in args.models:
         config = chosen[name]
         info = ModelInfo("gpt2", f"gpt2:{config.model}", "random", True, 1024)
-        engine = Engine(
-            random_gpt2(tiny=config.model == "tiny"),
-            gpt2_tokenizer(),
-            info,
-            settings_of(config.env),
-        )
+        model = random_gpt2(tiny=config.model == "tiny")
+        engine = Engine(model, gpt2_tokenizer(), info, settings_of(config.env))
         engine.warm_up()
         rounds = args.rounds or (4 if config.model == "tiny" else 2)
 
-        def run(engine: Engine = engine, rounds: int = rounds) -> float:
-            return asyncio.run(in_process(engine, args.clients, rounds, streaming=False))
+        def run(
+            on_token: Callable[[], None] | None, engine: Engine = engine, rounds: int = rounds
+        ) -> float:
+            return asyncio.run(in_process(engine, args.clients, rounds, True, on_token))
 
-        run()  # every batch width once, untimed
+        run(None)  # every batch width once, untimed
         results: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
         for repeat in range(args.repeats):
-            order = ways if repeat % 2 == 0 else ways[::-1]
-            for way in order:
-                tok_s, share = with_burner(way, args.busy, args.burst_ms / 1000, run)
+            for way in ways if repeat % 2 == 0 else ways[::-1]:
+                tok_s, share = with_work(way, args.work_us / 1e6, run)
                 results[way].append((tok_s, share))
-                print(f"{name} {way}: {tok_s:,.0f} tok/s, burner {share:.2f} core", flush=True)
+                print(f"{name} {way}: {tok_s:,.0f} tok/s, added work {share:.2f} core", flush=True)
         engine.shutdown()
         rows.append((name, results))
-    print(f"\n{args.clients} clients, burner asked {args.busy:.2f} core in {args.burst_ms} ms runs")
-    print("\n| model | " + " | ".join(f"{way} tok/s (core)" for way in ways) + " |")
+    print(f"\n{args.clients} streaming clients, {args.work_us:g} µs added per token")
+    print("\n| model | " + " | ".join(f"{way}: tok/s (core)" for way in ways) + " |")
     print("|---|" + "---:|" * len(ways))
     for name, results in rows:
-        best = {way: max(results[way]) for way in ways}
-        cells = [f"{best[w][0]:,.0f} ({best[w][1]:.2f})" for w in ways]
+        cells = [
+            ", ".join(f"{tok_s:,.0f}" for tok_s, _ in results[way])
+            + f" ({max(share for _, share in results[way]):.2f})"
+            for way in ways
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

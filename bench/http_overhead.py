@@ -115,7 +115,14 @@ async def tokens_per_s(clients: int, rounds: int, one: Callable[[int], Awaitable
     return clients * rounds * NEW_TOKENS / wall
 
 
-async def in_process(engine: Engine, clients: int, rounds: int, streaming: bool) -> float:
+async def in_process(
+    engine: Engine,
+    clients: int,
+    rounds: int,
+    streaming: bool,
+    on_token: Callable[[], None] | None = None,
+) -> float:
+    """`on_token`: called at each token event a streaming client reads (bench/gil_share.py)."""
     params = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
 
     async def one(_k: int) -> None:
@@ -128,6 +135,8 @@ async def in_process(engine: Engine, clients: int, rounds: int, streaming: bool)
                 final = event
             elif streaming:
                 texts.append(event.text)
+                if on_token is not None:
+                    on_token()
         assert final is not None and final.completion_tokens == NEW_TOKENS, final
 
     return await tokens_per_s(clients, rounds, one)

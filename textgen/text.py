@@ -56,9 +56,9 @@ class StopMatcher:
 
     Invariant: the text shown to the client contains no stop sequence, and no suffix of
     it could begin one: such a suffix is held back in `_pending`, the text pushed and
-    not yet shown. So a match can only start in `_pending`, which is never longer than
-    the longest stop sequence plus the last piece pushed. With `keep`, the matched stop
-    sequence itself is shown last (vLLM's include_stop_str_in_output).
+    not yet shown, shorter than the longest stop sequence. So a match can only start in
+    `_pending` or in the piece pushed after it. With `keep`, the matched stop sequence
+    itself is shown last (vLLM's include_stop_str_in_output).
     """
 
     def __init__(self, stop: tuple[str, ...], keep: bool = False) -> None:
