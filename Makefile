@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench.py
 	$(PY) bench/prefix_cache.py
 	$(PY) bench/http_overhead.py
+	$(PY) bench/output_side.py
 
 # Replicas of the image behind HAProxy (deploy/): builds what is missing, prints the URL.
 cluster: $(VENV)/.installed

@@ -303,12 +303,16 @@ def main() -> None:
         default="raw",
         help="HTTP client: a bare keep-alive connection per client (default), or httpx's pool",
     )
+    parser.add_argument(
+        "--only", nargs="+", metavar="PRECISION", help="these precisions only (float32 int8 bf16)"
+    )
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
     rows: list[Row] = []
     failed = False
     with tempfile.TemporaryDirectory(prefix="textgen-http-overhead-") as tmp:
-        for config in (replace(c, client=args.client) for c in configs(args.quick)):
+        chosen = [c for c in configs(args.quick) if not args.only or c.precision in args.only]
+        for config in (replace(c, client=args.client) for c in chosen):
             try:
                 rows += bench_config(config, Path(tmp), repeats)
             except Exception as exc:  # the other models' rows still get printed
