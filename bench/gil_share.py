@@ -1,25 +1,31 @@
-"""Where the engine core runs: the front end's work per token done on the engine's event
-loop (sharing the engine thread's GIL, as the server does) or in a process of its own.
+"""Where the engine core runs: the front end's extra work per streamed token done on the
+engine's event loop (sharing the engine thread's GIL, as the server does) or in a process
+of its own.
 
     python bench/gil_share.py [--models tiny int8 bf16] [--work-us 40] [--repeats 2]
 
 The engine runs in this process (built as bench/http_overhead.py builds it, same settings)
 under a closed loop of `--clients` clients that stream their responses, reading each token
-as it comes. A server's front end does more per token than these clients (an SSE event
-through the middleware and a socket write, about 40 µs of CPU more on this machine's
-tiny-model profiles), and does it when a step's tokens arrive. Each way adds `--work-us`
-of pure Python per token read, at that moment:
+as it comes. A served process does more per streamed token than these clients (an SSE
+event through the middleware and a socket write): its event loop's CPU time per streamed
+token, at 32 clients on the tiny model, is several times the in-process loop's. Each way
+adds `--work-us` of CPU time in pure Python per token read:
 - none: nothing added;
-- thread: on the event loop itself, holding the GIL the engine thread needs for its next
-  step's host work and after every torch op, as the server's front end does today;
-- process: in a burner process of its own, told of each token by a byte down a pipe
-  (vLLM's EngineCoreProc split: the front end holds none of the engine's GIL, and shares
-  only the cores). This is the split's best case: it adds no serialization of requests
-  and outputs between the two processes, only the pipe's write per token.
-- process-nice: the same at nice 19.
+- thread: on the event loop, as the token is read, holding the GIL that the engine thread
+  needs for its next step's host work and after every torch op, as a server's front end
+  does today;
+- process: in a burner process of its own, told of each token by a byte down a pipe.
 
-Prints each run's tok/s and the share of one core the added work took, then a table of
-every run of each way.
+`process` moves only the added work out: the output side (`process_step`) and the clients
+stay on this process's event loop, and a client waits for the burner only when the pipe is
+full, never for the work on its own tokens. So it is the best case for moving the front
+end's extra work out of the engine's process (vLLM's EngineCoreProc split), not a model of
+that split.
+
+Prints each run's tok/s and the share of one core the added work took (CPU time over the
+run's wall time), then every run's tok/s per way and the larger share.
+
+The int8 model runs on the CPU only (`--models tiny bf16` on a GPU).
 """
 
 from __future__ import annotations
@@ -43,25 +49,26 @@ from http_overhead import configs, in_process, settings_of
 from textgen.engine import Engine, ModelInfo
 from textgen.models import gpt2_tokenizer, random_gpt2
 
-WAYS = ("none", "thread", "process", "process-nice")
-NICE = 19
-# The burner process: `work` seconds of pure Python for every byte read, until EOF.
+WAYS = ("none", "thread", "process")
+MODELS = ("tiny", "int8", "bf16")
+# The burner process: `work` seconds of its CPU time in pure Python for every byte read,
+# until EOF. CPU time, not wall time: a burner that is descheduled owes the work still.
 BURNER = """
 import os, sys, time
 work = float(sys.argv[1])
-if int(sys.argv[2]):
-    os.nice(int(sys.argv[2]))
+print("ready", flush=True)
 while chunk := os.read(0, 4096):
-    until = time.perf_counter() + work * len(chunk)
-    while time.perf_counter() < until:
+    until = time.process_time() + work * len(chunk)
+    while time.process_time() < until:
         for i in range(20):
             pass
 """
 
 
 def burn(seconds: float) -> None:
-    until = time.perf_counter() + seconds
-    while time.perf_counter() < until:
+    """`seconds` of this thread's CPU time in pure Python (holding the GIL meanwhile)."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
         for _ in range(20):
             pass
 
@@ -84,28 +91,51 @@ def with_work(
         started = time.perf_counter()
         tok_s = run(on_token)
         return tok_s, spent / (time.perf_counter() - started)
-    nice = NICE if way == "process-nice" else 0
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BURNER, str(work), str(nice)], stdin=subprocess.PIPE
+    burner = subprocess.Popen(
+        [sys.executable, "-c", BURNER, str(work)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
-    assert proc.stdin is not None
-    fd = proc.stdin.fileno()
-    burner = psutil.Process(proc.pid)
-    time.sleep(0.3)  # started
-    before, started = sum(burner.cpu_times()[:2]), time.perf_counter()
-    tok_s = run(lambda: os.write(fd, b"t"))
-    share = (sum(burner.cpu_times()[:2]) - before) / (time.perf_counter() - started)
-    proc.stdin.close()
-    proc.wait()
+    assert burner.stdin is not None and burner.stdout is not None
+    try:
+        burner.stdout.readline()  # "ready"
+        fd, cpu = burner.stdin.fileno(), psutil.Process(burner.pid).cpu_times
+        # A write blocks while the pipe is full: a burner that falls 64 KiB of tokens
+        # behind slows the clients, as a front end that falls behind would.
+        before, started = sum(cpu()[:2]), time.perf_counter()
+        tok_s = run(lambda: os.write(fd, b"t"))
+        share = (sum(cpu()[:2]) - before) / (time.perf_counter() - started)
+    finally:
+        burner.stdin.close()
+        ended = time.perf_counter()
+        burner.wait()
+        burner.stdout.close()
+    print(f"  (the burner finished its work {time.perf_counter() - ended:.2f} s after the run)")
     return tok_s, share
+
+
+def compare(
+    engine: Engine, rounds: int, ways: tuple[str, ...], args: argparse.Namespace
+) -> dict[str, list[tuple[float, float]]]:
+    """Each way's runs, in ABBA order: (tok/s, share of a core the added work took)."""
+
+    def run(on_token: Callable[[], None] | None) -> float:
+        return asyncio.run(in_process(engine, args.clients, rounds, True, on_token))
+
+    run(None)  # untimed: the engine's first closed loop
+    results: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
+    for repeat in range(args.repeats):
+        for way in ways if repeat % 2 == 0 else ways[::-1]:
+            tok_s, share = with_work(way, args.work_us / 1e6, run)
+            results[way].append((tok_s, share))
+            print(f"{way}: {tok_s:,.0f} tok/s, added work {share:.2f} core", flush=True)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "int8", "bf16"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=0, help="requests per client; 0: per model")
-    parser.add_argument("--work-us", type=float, default=40.0, help="added per token read")
+    parser.add_argument("--work-us", type=float, default=40.0, help="CPU µs added per token read")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     args = parser.parse_args()
@@ -114,27 +144,17 @@ def main() -> None:
     rows = []
     for name in args.models:
         config = chosen[name]
+        print(f"# {name}", flush=True)
         info = ModelInfo("gpt2", f"gpt2:{config.model}", "random", True, 1024)
         model = random_gpt2(tiny=config.model == "tiny")
         engine = Engine(model, gpt2_tokenizer(), info, settings_of(config.env))
-        engine.warm_up()
-        rounds = args.rounds or (4 if config.model == "tiny" else 2)
-
-        def run(
-            on_token: Callable[[], None] | None, engine: Engine = engine, rounds: int = rounds
-        ) -> float:
-            return asyncio.run(in_process(engine, args.clients, rounds, True, on_token))
-
-        run(None)  # every batch width once, untimed
-        results: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
-        for repeat in range(args.repeats):
-            for way in ways if repeat % 2 == 0 else ways[::-1]:
-                tok_s, share = with_work(way, args.work_us / 1e6, run)
-                results[way].append((tok_s, share))
-                print(f"{name} {way}: {tok_s:,.0f} tok/s, added work {share:.2f} core", flush=True)
-        engine.shutdown()
-        rows.append((name, results))
-    print(f"\n{args.clients} streaming clients, {args.work_us:g} µs added per token")
+        try:
+            engine.warm_up()
+            rounds = args.rounds or (4 if config.model == "tiny" else 2)
+            rows.append((name, compare(engine, rounds, ways, args)))
+        finally:
+            engine.shutdown()
+    print(f"\n{args.clients} streaming clients, {args.work_us:g} µs of CPU added per token")
     print("\n| model | " + " | ".join(f"{way}: tok/s (core)" for way in ways) + " |")
     print("|---|" + "---:|" * len(ways))
     for name, results in rows:

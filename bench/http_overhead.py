@@ -1,6 +1,7 @@
 """What HTTP costs: the engine in this process against `bentoml serve`, same settings, one run.
 
     python bench/http_overhead.py [--quick] [--repeats 2] [--client raw|httpx]
+                                  [--only float32 int8 bf16]
 
 For each model and precision the same `TEXTGEN_*` settings build two things: an Engine in
 this process, and a `bentoml serve` of the same weights from a temporary model store
@@ -304,7 +305,7 @@ def main() -> None:
         help="HTTP client: a bare keep-alive connection per client (default), or httpx's pool",
     )
     parser.add_argument(
-        "--only", nargs="+", metavar="PRECISION", help="these precisions only (float32 int8 bf16)"
+        "--only", nargs="+", choices=["float32", "int8", "bf16"], help="these precisions only"
     )
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
@@ -312,6 +313,8 @@ def main() -> None:
     failed = False
     with tempfile.TemporaryDirectory(prefix="textgen-http-overhead-") as tmp:
         chosen = [c for c in configs(args.quick) if not args.only or c.precision in args.only]
+        if not chosen:
+            parser.error(f"--quick runs float32 only, not {' '.join(args.only)}")
         for config in (replace(c, client=args.client) for c in chosen):
             try:
                 rows += bench_config(config, Path(tmp), repeats)

@@ -59,8 +59,8 @@ class Status(enum.Enum):
 
 
 # Not frozen, though nothing changes one once made: one is made per token on the event
-# loop, and a frozen dataclass's __init__ (object.__setattr__ per field) costs four times
-# a plain one's.
+# loop, and a frozen dataclass's __init__ (object.__setattr__ per field) costs three to
+# four times a plain one's.
 @dataclass(slots=True)
 class TokenEvent:
     token_id: int
