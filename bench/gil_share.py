@@ -2,7 +2,7 @@
 engine's event loop (sharing the engine thread's GIL, as the server does) or in a process
 of its own.
 
-    python bench/gil_share.py [--models tiny int8 bf16] [--work-us 40] [--repeats 2]
+    python bench/gil_share.py [--models tiny int8 bf16] [--work-us 40] [--repeats 4]
 
 The engine runs in this process (built as bench/http_overhead.py builds it, same settings)
 under a closed loop of `--clients` clients that stream their responses, reading each token
@@ -17,13 +17,13 @@ adds `--work-us` of CPU time in pure Python per token read:
 - process: in a burner process of its own, told of each token by a byte down a pipe.
 
 `process` moves only the added work out: the output side (`process_step`) and the clients
-stay on this process's event loop, and a client waits for the burner only when the pipe is
-full, never for the work on its own tokens. So it is the best case for moving the front
-end's extra work out of the engine's process (vLLM's EngineCoreProc split), not a model of
-that split.
+stay on this process's event loop, which (and so every client) waits for the burner only
+when the pipe is full (`PIPE_TOKENS` behind), never for the work on a token it has read.
+So it is the best case for moving the front end's extra work out of the engine's process
+(vLLM's EngineCoreProc split), not a model of that split.
 
 Prints each run's tok/s and the share of one core the added work took (CPU time over the
-run's wall time), then every run's tok/s per way and the larger share.
+run's wall time), then every run's tok/s per way and the largest share of its runs.
 
 The int8 model runs on the CPU only (`--models tiny bf16` on a GPU).
 """
@@ -50,6 +50,10 @@ from textgen.engine import Engine, ModelInfo
 from textgen.models import gpt2_tokenizer, random_gpt2
 
 WAYS = ("none", "thread", "process")
+# The pipe to the burner holds this many tokens (one byte each; one page, Linux's least):
+# a burner that falls that far behind blocks the event loop, and so every client, as a
+# front end that falls behind would hold up its clients.
+PIPE_TOKENS = 4096
 MODELS = ("tiny", "int8", "bf16")
 # The burner process: `work` seconds of its CPU time in pure Python for every byte read,
 # until EOF. CPU time, not wall time: a burner that is descheduled owes the work still.
@@ -75,10 +79,11 @@ def burn(seconds: float) -> None:
 
 def with_work(
     way: str, work: float, run: Callable[[Callable[[], None] | None], float]
-) -> tuple[float, float]:
-    """(tok/s of `run(on_token)`, the share of one core the added work took)."""
+) -> tuple[float, float, float | None]:
+    """(tok/s of `run(on_token)`, the share of one core the added work took, and for the
+    process way how long after the run the burner finished its work)."""
     if way == "none":
-        return run(None), 0.0
+        return run(None), 0.0, None
     if way == "thread":
         spent = 0.0
 
@@ -90,16 +95,18 @@ def with_work(
 
         started = time.perf_counter()
         tok_s = run(on_token)
-        return tok_s, spent / (time.perf_counter() - started)
+        return tok_s, spent / (time.perf_counter() - started), None
     burner = subprocess.Popen(
-        [sys.executable, "-c", BURNER, str(work)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [sys.executable, "-c", BURNER, str(work)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        pipesize=PIPE_TOKENS,
     )
     assert burner.stdin is not None and burner.stdout is not None
     try:
-        burner.stdout.readline()  # "ready"
+        if burner.stdout.readline() != b"ready\n":
+            raise RuntimeError("the burner did not start")
         fd, cpu = burner.stdin.fileno(), psutil.Process(burner.pid).cpu_times
-        # A write blocks while the pipe is full: a burner that falls 64 KiB of tokens
-        # behind slows the clients, as a front end that falls behind would.
         before, started = sum(cpu()[:2]), time.perf_counter()
         tok_s = run(lambda: os.write(fd, b"t"))
         share = (sum(cpu()[:2]) - before) / (time.perf_counter() - started)
@@ -108,8 +115,7 @@ def with_work(
         ended = time.perf_counter()
         burner.wait()
         burner.stdout.close()
-    print(f"  (the burner finished its work {time.perf_counter() - ended:.2f} s after the run)")
-    return tok_s, share
+    return tok_s, share, time.perf_counter() - ended
 
 
 def compare(
@@ -124,9 +130,10 @@ def compare(
     results: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
     for repeat in range(args.repeats):
         for way in ways if repeat % 2 == 0 else ways[::-1]:
-            tok_s, share = with_work(way, args.work_us / 1e6, run)
+            tok_s, share, lag = with_work(way, args.work_us / 1e6, run)
             results[way].append((tok_s, share))
-            print(f"{way}: {tok_s:,.0f} tok/s, added work {share:.2f} core", flush=True)
+            late = "" if lag is None else f", the burner done {lag:.2f} s after the run"
+            print(f"{way}: {tok_s:,.0f} tok/s, added work {share:.2f} core{late}", flush=True)
     return results
 
 
@@ -136,7 +143,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=0, help="requests per client; 0: per model")
     parser.add_argument("--work-us", type=float, default=40.0, help="CPU µs added per token read")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     args = parser.parse_args()
     ways = tuple(args.ways)
