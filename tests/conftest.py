@@ -311,6 +311,21 @@ def server(model_store, tmp_path_factory) -> Iterator[Server]:
     yield from served(model_store, tmp_path_factory, "serve")
 
 
+@pytest.fixture(scope="session")
+def paced(model_store, tmp_path_factory) -> Iterator[Server]:
+    """A server whose decode steps take 0.1 s each (tests/fault_service.py), so a reader
+    (and the event loop) keeps up with its stream and every token is its own chunk. Under
+    load the plain server sends tokens already queued together as one chunk
+    (textgen/coalesce.py), so a test that counts chunks runs against this one."""
+    home, tag = model_store
+    log = tmp_path_factory.mktemp("logs") / "paced.log"
+    srv = start_server(
+        home, tag, log, "tests.fault_service:TextGeneration", TEXTGEN_TEST_FAULT="slow_decode=0.1"
+    )
+    yield srv
+    stop_server(srv)
+
+
 KEY = "s3cret-key"
 
 

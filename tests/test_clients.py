@@ -53,6 +53,13 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
+def server(paced):
+    """The paced server (conftest): the streaming tests below check that text came in more
+    than one chunk, which under load the plain server may merge into one."""
+    return paced
+
+
+@pytest.fixture(scope="module")
 def client(server):
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
         yield c

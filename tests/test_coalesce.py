@@ -12,13 +12,11 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterator
 
 import h11
 import httpx
-import pytest
 
-from tests.conftest import Server, run, start_server, stop_server
+from tests.conftest import Server, run
 from textgen import api, coalesce
 from textgen.engine import Engine, EventStream
 from textgen.params import SamplingParams
@@ -100,18 +98,6 @@ def test_slow_reader_gets_tokens_coalesced_with_the_same_text(server: Server) ->
         if c["logprobs"]
     )
     assert choices[-1]["finish_reason"] == "length"
-
-
-@pytest.fixture(scope="module")
-def paced(model_store, tmp_path_factory) -> Iterator[Server]:
-    """A server whose steps take 0.1 s, so a reader (and the event loop) keeps up."""
-    home, tag = model_store
-    log = tmp_path_factory.mktemp("logs") / "paced.log"
-    srv = start_server(
-        home, tag, log, "tests.fault_service:TextGeneration", TEXTGEN_TEST_FAULT="slow_decode=0.1"
-    )
-    yield srv
-    stop_server(srv)
 
 
 def test_reader_keeping_up_gets_one_event_per_token(paced: Server) -> None:
