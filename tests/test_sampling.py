@@ -123,6 +123,20 @@ def test_top_k_keeps_every_token_tied_with_the_kth_even_past_its_candidates():
     assert (got - expected).abs().max().item() <= 1 / N + 1e-6
 
 
+@pytest.fixture
+def widths(monkeypatch) -> list[int]:
+    """The candidate widths the sampler's groups are drawn over, in order (`_draw_group`)."""
+    taken: list[int] = []
+    draw_group = Sampler._draw_group
+
+    def recorded(self, x, temperature, u, seqs, width):
+        taken.append(width)
+        return draw_group(self, x, temperature, u, seqs, width)
+
+    monkeypatch.setattr(Sampler, "_draw_group", recorded)
+    return taken
+
+
 def zipf_logits(vocab: int) -> torch.Tensor:
     """(vocab,) logits whose probabilities fall as 1 / rank, over shuffled ids: of 8,192, a
     top_p of 0.7 keeps about 470 tokens, past NUCLEUS_GUESS; 0.95 about 5,000 and 0.99
@@ -132,60 +146,44 @@ def zipf_logits(vocab: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("top_p", "kept", "widths"),
+    ("top_p", "kept", "path"),
     [
         (0.7, range(NUCLEUS_GUESS + 1, NUCLEUS_WIDE), [NUCLEUS_GUESS, NUCLEUS_WIDE]),
         (0.95, range(NUCLEUS_WIDE, 8192), [NUCLEUS_GUESS, NUCLEUS_WIDE, 8192]),
         (0.99, range(NUCLEUS_WIDE, 8193), [NUCLEUS_GUESS, 8192]),  # its bound skips the middle
     ],
 )
-def test_a_nucleus_wider_than_the_candidates_is_drawn_from_exactly(
-    monkeypatch, top_p, kept, widths
-):
-    taken = []
-    draw_group = Sampler._draw_group
-
-    def recorded(self, x, temperature, u, seqs, width):
-        taken.append(width)
-        return draw_group(self, x, temperature, u, seqs, width)
-
-    monkeypatch.setattr(Sampler, "_draw_group", recorded)
+def test_a_nucleus_wider_than_the_candidates_is_drawn_from_exactly(widths, top_p, kept, path):
     logits = zipf_logits(8192)
     sp = SamplingParams(do_sample=True, top_p=top_p)
     got, expected = frequencies(sp, [0], logits, draws=2000), transformers_probs(sp, [0], logits)
     assert int((expected > 0).sum()) in kept
-    assert taken == widths
+    assert widths == path
     assert (got - expected).abs().max().item() <= 1 / 2000 + 1e-6
     assert set(got.nonzero()[:, 0].tolist()) <= set(expected.nonzero()[:, 0].tolist())
 
 
-def test_ties_past_a_wide_top_k_are_drawn_over_the_wide_candidates(monkeypatch):
+def test_ties_past_a_wide_top_k_are_drawn_over_the_wide_candidates(widths):
     """3,000 tokens tie with the 1,000th: past the row's 1,064 candidates, within 4,096."""
-    taken = []
-    draw_group = Sampler._draw_group
-
-    def recorded(self, x, temperature, u, seqs, width):
-        taken.append(width)
-        return draw_group(self, x, temperature, u, seqs, width)
-
-    monkeypatch.setattr(Sampler, "_draw_group", recorded)
     logits = torch.zeros(8192)
     logits[:3000] = 1.0
     sp = SamplingParams(do_sample=True, top_k=1000)
     got, expected = frequencies(sp, [0], logits, draws=2000), transformers_probs(sp, [0], logits)
-    assert taken == [1000 + 64, NUCLEUS_WIDE]
+    assert widths == [1000 + 64, NUCLEUS_WIDE]
     assert (got - expected).abs().max().item() <= 1 / 2000 + 1e-6
 
 
 @pytest.mark.parametrize(
-    ("params", "tied"),
+    ("params", "tied", "path"),
     [
-        (dict(top_p=0.9), False),  # a nearly flat row: its nucleus runs past 256
-        (dict(top_k=100), True),  # ties with the 100th run past its 164 candidates
+        (dict(top_p=0.9), False, [NUCLEUS_GUESS, 1000]),  # a nearly flat row: past 256
+        (dict(top_k=100), True, [164, 1000]),  # ties with the 100th run past its candidates
     ],
     ids=str,
 )
-def test_a_vocabulary_smaller_than_the_wide_candidates_draws_over_all_of_it(params, tied):
+def test_a_vocabulary_smaller_than_the_wide_candidates_draws_over_all_of_it(
+    widths, params, tied, path
+):
     if tied:
         logits = torch.zeros(1000)
         logits[:10] = 1.0
@@ -193,6 +191,7 @@ def test_a_vocabulary_smaller_than_the_wide_candidates_draws_over_all_of_it(para
         logits = torch.randn(1000, generator=torch.Generator().manual_seed(2)) * 0.1
     sp = SamplingParams(do_sample=True, **params)
     got, expected = frequencies(sp, [0], logits, draws=2000), transformers_probs(sp, [0], logits)
+    assert widths == path  # straight to the whole vocabulary: NUCLEUS_WIDE is wider
     assert (got - expected).abs().max().item() <= 1 / 2000 + 1e-6
 
 
