@@ -213,7 +213,7 @@ class Choice:
 
     index: int
     prefix: str = ""  # the echoed prompt, else ''
-    pieces: list[str] = field(default_factory=list)  # the generated text, a piece per token
+    text: str = ""  # the generated text, once read whole (`collect`: its FinishEvent's)
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[float | None] = field(default_factory=list)
     top: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)
@@ -226,10 +226,6 @@ class Choice:
     # back: where the next token's text starts (`text_offset`).
     chars: int = 0
     utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
 
     def add_prompt(self, ids: list[int], logprobs: list[PromptLogprob], tokens: TokenTable) -> None:
         """Records the echoed prompt's tokens, before any generated one."""
@@ -245,7 +241,6 @@ class Choice:
         self.chars += len(self.utf8.decode(tokens.visible[event.token_id]))
         self.token_logprobs.append(event.logprob)
         self.top.append(event.top_logprobs)
-        self.pieces.append(event.text)
         self.cumulative_logprob += event.logprob or 0.0
         self.generated += 1
 
@@ -348,8 +343,9 @@ class Generation:
             self.start(i, event)
             if isinstance(event, TokenEvent):
                 self.choices[i].add(event, self.frontend.tokens)
-            else:
+            else:  # its text: the concatenation of its TokenEvents' texts
                 self.choices[i].finish_reason = finish_reason_of(event)
+                self.choices[i].text = event.text
         return True
 
     def start(self, i: int, event: Event) -> bool:
