@@ -195,6 +195,34 @@ def test_a_vocabulary_smaller_than_the_wide_candidates_draws_over_all_of_it(
     assert (got - expected).abs().max().item() <= 1 / 2000 + 1e-6
 
 
+def test_rows_that_widen_by_different_paths_keep_their_own_tokens(widths):
+    """Rows 0 and 2 are flat (their bound sends them straight to the whole vocabulary);
+    row 1 tries NUCLEUS_WIDE first and still falls short, so it joins the whole
+    vocabulary's group after them. Each row still draws from its own logits: batched,
+    every row's token is the one it draws alone."""
+    vocab = 8192
+    flat_low = torch.full((vocab,), -10.0)
+    flat_low[:4096] = 0.0
+    flat_high = torch.full((vocab,), -10.0)
+    flat_high[4096:] = 0.0
+    headed = torch.zeros(vocab)  # 256 tokens hold half the mass, a flat tail the rest
+    headed[:256] = math.log((0.5 / 256) / (0.5 / (vocab - 256)))
+    logits = torch.stack([flat_low, headed, flat_high])
+    sp = SamplingParams(do_sample=True, top_p=0.9)
+    sampler = Sampler(3, vocab, torch.device("cpu"), vocab - 1)
+    seqs = []
+    for slot in range(3):
+        seq = Sequence([0], sp, Uniform(0.3))
+        seq.slot = slot
+        seqs.append(seq)
+    sampler.admit(seqs)
+    batched = sampler.choose(logits, seqs)[0]
+    assert widths == [NUCLEUS_GUESS, NUCLEUS_WIDE, vocab]  # the path described above
+    alone = [sampler.choose(logits[i : i + 1], [seqs[i]])[0][0] for i in range(3)]
+    assert batched == alone
+    assert batched[0] < 4096 <= batched[2]
+
+
 BF16_LOGITS = (torch.randn(50257, generator=torch.Generator().manual_seed(0)) * 3 - 100).bfloat16()
 
 

@@ -343,7 +343,9 @@ class Engine:
         object that later becomes cyclic garbage is not collected (`gc.unfreeze` returns them
         all to the collector)."""
         started = time.perf_counter()
-        self._warm_up_generations()  # its sequences, grammar and outputs die with its frame
+        # Its own references to its sequences, grammar and outputs die with its frame (the
+        # scheduler may hold finished ones until its next step retires them).
+        self._warm_up_generations()
         gc.collect()
         gc.freeze()
         logger.info("warm-up took %.2fs", time.perf_counter() - started)

@@ -226,6 +226,9 @@ class Sampler:
             groups.setdefault(self._width(seq.params), []).append(i)
         while groups:
             width, group = groups.popitem()
+            # Rows join a wider group as they fall short, in no set order; in row order,
+            # a group of every row is the batch itself (`every`: no gather, no scatter).
+            group.sort()
             rows = torch.tensor(group, device=self.device)
             every = len(group) == len(seqs)  # the usual batch: no gather, no scatter
             args = (x, temperature, u) if every else (x[rows], temperature[rows], u[rows])

@@ -213,7 +213,7 @@ class Choice:
 
     index: int
     prefix: str = ""  # the echoed prompt, else ''
-    text: str = ""  # the generated text, once read whole (`collect`: its FinishEvent's)
+    text: str = ""  # the generated text: set by `collect` (non-streaming) at the finish
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[float | None] = field(default_factory=list)
     top: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)
